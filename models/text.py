@@ -1,0 +1,36 @@
+"""Real English text that a package ships: the Lee news corpus in gensim's test data.
+
+Calibration sentences come from `lee_background.cor` (300 news articles), evaluation sentences from
+`lee.cor` (50 other articles). Only the files are read: gensim itself is never imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from qcompile.errors import QCompileError
+
+CALIBRATION_FILE = "lee_background.cor"
+EVALUATION_FILE = "lee.cor"
+MIN_WORDS = 5
+
+
+def corpus_path(name: str) -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise QCompileError("the text corpus needs the gensim package: pip install --no-deps gensim==4.4.0")
+    return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / name
+
+
+def sentences(name: str, limit: int) -> list[str]:
+    """The first `limit` sentences of at least MIN_WORDS words, in corpus order."""
+    text = corpus_path(name).read_text(encoding="utf-8", errors="replace")
+    found = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        sentence = " ".join(sentence.split())
+        if len(sentence.split()) >= MIN_WORDS:
+            found.append(sentence)
+            if len(found) == limit:
+                break
+    return found

@@ -1,0 +1,104 @@
+"""compile(): load -> normalise -> plan -> calibrate -> insert QDQ -> verify -> artifact."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__, calibration, report
+from .artifact import Artifact
+from .config import QuantConfig
+from .data import batched, iterate_feeds, model_input_specs, split_holdout
+from .errors import QCompileError
+from .graph import load_model
+from .pipeline import CompileContext, Pipeline
+from .plan import QuantPlan
+from .runtime import DETERMINISTIC_THREADS
+from .verify import verify
+
+
+def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
+            verify_data=None) -> Artifact:
+    """Quantize a float ONNX model.
+
+    calib: calibration data (see qcompile.data); required when activations are quantized.
+    verify_data: held-out samples for verification; default: the last `config.verify_fraction`
+        of the calibration samples (which then are not used for calibration).
+    """
+    from qcompile.passes import InsertQDQ, NormalizeGraph, PlanW8A8
+
+    config = config or QuantConfig()
+    float_model = load_model(model)
+    inputs = model_input_specs(float_model)
+    context = CompileContext.from_model(float_model, config)
+    records = Pipeline([NormalizeGraph(), PlanW8A8()]).run(context)
+    reference = context.model()  # the float model with normalised names: calibration target
+    plan = context.plan
+
+    calibrated = [s for s in plan.of_kind("activation") if s.fixed_range is None]
+    if calib is None and calibrated:
+        raise QCompileError("quantizing activations needs calibration data (--calib)")
+    if calib is None:
+        calib_feeds, verify_feeds = [], list(iterate_feeds(verify_data, inputs)) if verify_data is not None else []
+    elif verify_data is None:
+        calib_feeds, verify_feeds = split_holdout(calib, inputs, config.verify_fraction)
+    else:
+        calib_feeds, verify_feeds = iterate_feeds(calib, inputs), list(iterate_feeds(verify_data, inputs))
+
+    histograms = {}
+    if calibrated:
+        histograms = calibration.collect_histograms(
+            reference, [s.tensor for s in calibrated], batched(calib_feeds, inputs, config.calib_batch_size),
+            threads=DETERMINISTIC_THREADS)
+    weights = {tensor.name: tensor.values for tensor in context.graph.tensors().values() if hasattr(tensor, "values")}
+    for spec in plan.specs.values():
+        if spec.kind == "weight":
+            plan.params[spec.tensor] = calibration.weight_params(spec, weights[spec.tensor], config.calib_method)
+        else:
+            plan.params[spec.tensor] = calibration.activation_params(
+                spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
+    records += Pipeline([InsertQDQ()]).run(context)
+    quantized = context.model()
+
+    verification = None
+    if verify_feeds:
+        verification = verify(reference, quantized, verify_feeds, _quantized_layers(plan, reference)).to_dict()
+    manifest = {
+        "qcompile_version": __version__,
+        "source_model_sha256": hashlib.sha256(float_model.SerializeToString(deterministic=True)).hexdigest(),
+        "config": config.to_dict(),
+        "passes": [{"name": r.name, "changed": r.changed, "summary": r.summary} for r in records],
+        "plan": _plan_summary(plan),
+        "verification": verification,
+        "custom_op_library": None,
+    }
+    return Artifact(quantized, manifest, report.render(manifest))
+
+
+def _quantized_layers(plan: QuantPlan, model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(node, op, first output) of each node that reads a quantized tensor, in graph order."""
+    consumers = {name for spec in plan.specs.values() for name, _ in spec.consumers}
+    return [(n.name, n.op_type, n.output[0]) for n in model.graph.node if n.name in consumers]
+
+
+def _plan_summary(plan: QuantPlan) -> dict:
+    tensors = []
+    for spec in plan.specs.values():
+        params = plan.params[spec.tensor]
+        entry = spec.to_dict()
+        entry["scale"] = _describe(params.scale)
+        entry["zero_point"] = _describe(params.zero_point)
+        tensors.append(entry)
+    return {
+        "tensors": tensors,
+        "kept_float": [{"node": s.node, "op_type": s.op_type, "reason": s.reason} for s in plan.skipped],
+    }
+
+
+def _describe(values: np.ndarray):
+    """A scalar as is; a per-channel vector as its range (the full vector lives in the model)."""
+    if values.ndim == 0:
+        return float(values) if values.dtype.kind == "f" else int(values)
+    return {"channels": int(values.size), "min": float(values.min()), "max": float(values.max())}

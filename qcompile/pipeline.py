@@ -1,0 +1,69 @@
+"""The Pass protocol, the state passes share, and the pipeline that runs them in order."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .config import QuantConfig
+from .errors import QCompileError
+from .graph import to_graph, to_model
+from .plan import QuantPlan
+
+
+@dataclass
+class CompileContext:
+    """Everything passes read and write; nothing lives in globals."""
+
+    graph: gs.Graph
+    source: onnx.ModelProto  # the float model, for metadata and as the calibration target
+    config: QuantConfig
+    plan: QuantPlan = field(default_factory=QuantPlan)
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, config: QuantConfig) -> "CompileContext":
+        return cls(graph=to_graph(model), source=model, config=config)
+
+    def model(self) -> onnx.ModelProto:
+        return to_model(self.graph, like=self.source)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    changed: int  # how many places the pass rewrote (0: graph untouched)
+    summary: str
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def run(self, context: CompileContext) -> PassResult: ...
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    changed: int
+    summary: str
+
+
+class Pipeline:
+    def __init__(self, passes: list[GraphPass]):
+        self.passes = passes
+
+    def run(self, context: CompileContext) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        for graph_pass in self.passes:
+            try:
+                result = graph_pass.run(context)
+                if result.changed:
+                    context.graph = to_graph(context.model())  # checks the rewrite, refreshes shapes
+            except QCompileError:
+                raise
+            except Exception as error:
+                ran = ", ".join(r.name for r in records) or "none"
+                raise RuntimeError(f"pass {graph_pass.name} failed (passes before it: {ran}): {error}") from error
+            records.append(PassRecord(graph_pass.name, result.changed, result.summary))
+        return records

@@ -1,0 +1,64 @@
+"""report.html: the per-layer table, the plan, and a plot of per-layer output SQNR."""
+from __future__ import annotations
+
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Fixed SVG ids and no date, so the same compile writes the same bytes.
+matplotlib.rcParams["svg.hashsalt"] = "qcompile"
+
+
+def render(manifest: dict) -> str:
+    verification = manifest.get("verification") or {}
+    layers = verification.get("layers", [])
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>qcompile report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>",
+        f"<h1>qcompile report</h1><p>qcompile {html.escape(manifest['qcompile_version'])}; "
+        f"config <code>{html.escape(str(manifest['config']))}</code></p>",
+    ]
+    if verification:
+        parts.append(f"<h2>Verification on {verification['samples']} held-out samples</h2>")
+        parts.append(_table(["output", "SQNR (dB)", "mean cosine"],
+                            [[n, v["sqnr_db"], v["cosine"]] for n, v in verification["outputs"].items()]))
+    if layers:
+        parts.append("<h2>Per-layer output SQNR</h2>")
+        parts.append(_sqnr_plot(layers))
+        parts.append(_table(["node", "op", "output", "SQNR (dB)"],
+                            [[l["node"], l["op_type"], l["tensor"], l["sqnr_db"]] for l in layers]))
+    plan = manifest["plan"]
+    parts.append(f"<h2>Quantized tensors ({len(plan['tensors'])})</h2>")
+    parts.append(_table(["tensor", "kind", "dtype", "axis", "scale", "zero point", "why"],
+                        [[t["tensor"], t["kind"], t["dtype"], t["axis"], t["scale"], t["zero_point"], t["reason"]]
+                         for t in plan["tensors"]]))
+    parts.append(f"<h2>Kept in float ({len(plan['kept_float'])})</h2>")
+    parts.append(_table(["node", "op", "why"], [[s["node"], s["op_type"], s["reason"]] for s in plan["kept_float"]]))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _sqnr_plot(layers: list[dict]) -> str:
+    values = [l["sqnr_db"] if isinstance(l["sqnr_db"], float) else 0.0 for l in layers]
+    figure, axes = plt.subplots(figsize=(max(6, len(values) * 0.12), 3.2))
+    axes.bar(range(len(values)), values, color="#3b6ea5")
+    axes.set_xlabel("quantized layer (graph order)")
+    axes.set_ylabel("output SQNR (dB)")
+    axes.set_title("Per-layer output SQNR, quantized vs float")
+    figure.tight_layout()
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(figure)
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]
