@@ -133,9 +133,14 @@ def _onnxruntime(method: str, model_path: str, calib_path: str, out: str) -> str
             row = next(self.rows, None)
             return None if row is None else {name: archive[name][row : row + 1] for name in archive.files}
 
+    import onnx
+
+    # The attention-mask Where emits float32 min; ORT's Entropy calibrator cannot bin that range,
+    # so the mask path stays float for every ORT method (qcompile keeps it float too).
+    mask_nodes = [n.name for n in onnx.load(model_path, load_external_data=False).graph.node if n.op_type == "Where"]
     target = str(Path(out) / f"onnxruntime_{method}.onnx")
     quantize_static(model_path, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    calibrate_method=getattr(CalibrationMethod, method))
+                    calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=mask_nodes)
     return target
 
 

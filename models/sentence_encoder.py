@@ -57,7 +57,7 @@ def tiny_bert(seed: int = 0) -> SentenceEncoder:
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
+                        intermediate_size=128, max_position_embeddings=128, attn_implementation="eager")
     return SentenceEncoder(BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)).eval()
 
 

@@ -20,6 +20,7 @@ class NormalizeGraph:
         graph = context.graph
         renamed = _name_nodes(graph)
         folded = _constants_to_initializers(graph)
+        graph.cleanup()
         return PassResult(renamed + folded, f"named {renamed} nodes, folded {folded} Constant nodes")
 
 

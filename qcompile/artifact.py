@@ -40,8 +40,12 @@ class Artifact:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            external = self.model.ByteSize() > external_data_threshold
-            onnx.save_model(self.model, str(staging / MODEL_FILE), save_as_external_data=external,
+            model = self.model
+            external = model.ByteSize() > external_data_threshold
+            if external:  # onnx moves the weights out of the proto it saves: keep ours whole
+                model = onnx.ModelProto()
+                model.CopyFrom(self.model)
+            onnx.save_model(model, str(staging / MODEL_FILE), save_as_external_data=external,
                             all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE, size_threshold=1024)
             (staging / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
             (staging / REPORT_FILE).write_text(self.report_html)

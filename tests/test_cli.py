@@ -1,0 +1,120 @@
+"""The command line as a user meets it: one-line errors with exit code 2, no half-written output."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+
+def qcompile(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_user_error(result, message):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def bad_calibration(tiny_bert, tmp_path, change):
+    arrays = dict(np.load(tiny_bert["calib"]))
+    change(arrays)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def checker_failing_model(path):
+    node = helper.make_node("MatMul", ["x", "missing"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_onnx", "not an ONNX model"),
+    ("checker", "fails the ONNX checker"),
+    ("missing_input", "missing model inputs: attention_mask"),
+    ("extra_input", "names that are not model inputs: token_type_ids"),
+    ("wrong_dtype", "has dtype int32, the model wants int64"),
+    ("wrong_rank", "the model wants ?x?"),
+    ("nan", "contains NaN or Inf"),
+    ("empty", "holds no samples"),
+    ("no_calib", "needs calibration data"),
+    ("output_exists", "output directory exists"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tiny_bert, tmp_path, case, message):
+    model, calib = tiny_bert["model"], tiny_bert["calib"]
+    out = tmp_path / "out"
+    args = ["--calib", calib]
+    if case == "not_onnx":
+        model = tmp_path / "model.onnx"
+        model.write_text("hello")
+    elif case == "checker":
+        model = checker_failing_model(tmp_path / "broken.onnx")
+    elif case == "missing_input":
+        args = ["--calib", bad_calibration(tiny_bert, tmp_path, lambda a: a.pop("attention_mask"))]
+    elif case == "extra_input":
+        args = ["--calib", bad_calibration(tiny_bert, tmp_path, lambda a: a.update(token_type_ids=a["input_ids"]))]
+    elif case == "wrong_dtype":
+        args = ["--calib", bad_calibration(tiny_bert, tmp_path, lambda a: a.update(input_ids=a["input_ids"].astype(np.int32)))]
+    elif case == "wrong_rank":
+        args = ["--calib", bad_calibration(tiny_bert, tmp_path, lambda a: a.update(input_ids=a["input_ids"][..., None, None]))]
+    elif case == "nan":
+        model = tmp_path / "float_input.onnx"
+        _float_input_model(model)
+        bad = tmp_path / "nan.npz"
+        x = np.ones((4, 1, 3), np.float32)
+        x[2, 0, 1] = np.nan
+        np.savez(bad, x=x)
+        args = ["--calib", bad]
+    elif case == "empty":
+        args = ["--calib", bad_calibration(tiny_bert, tmp_path, lambda a: a.update({k: v[:0] for k, v in a.items()}))]
+    elif case == "no_calib":
+        args = []
+    elif case == "output_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    result = qcompile("compile", model, "-o", out, *args)
+    assert_user_error(result, message)
+    if case == "output_exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folders left
+
+
+def _float_input_model(path):
+    weight = onnx.numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+
+
+def test_compile_then_run(tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    result = qcompile("compile", tiny_bert["model"], "--calib", tiny_bert["calib"], "--verify-data", tiny_bert["eval"],
+                      "-o", out, "--calib-method", "minmax")
+    assert result.returncode == 0, result.stderr
+    assert "sentence_embedding" in result.stdout and (out / "report.html").is_file()
+    again = qcompile("compile", tiny_bert["model"], "--calib", tiny_bert["calib"], "-o", out, "--force")
+    assert again.returncode == 0, again.stderr
+
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **{k: v[:2] for k, v in np.load(tiny_bert["eval"]).items()})
+    ran = qcompile("run", out, "--inputs", inputs, "--outputs", tmp_path / "y.npz")
+    assert ran.returncode == 0, ran.stderr
+    assert np.load(tmp_path / "y.npz")["sentence_embedding"].shape == (2, 64)
+    assert_user_error(qcompile("run", tmp_path, "--inputs", inputs, "--outputs", tmp_path / "z.npz"),
+                      "not a qcompile artifact")
+
+
+def test_export_unknown_model_and_bad_choice(tmp_path):
+    assert_user_error(qcompile("export", "resnet-9000", "-o", tmp_path / "m.onnx"), "unknown model 'resnet-9000'")
+    bad_choice = qcompile("compile", "m.onnx", "-o", tmp_path / "o", "--weights", "int3")
+    assert bad_choice.returncode == 2 and "Invalid value for '--weights'" in bad_choice.stderr

@@ -1,0 +1,111 @@
+"""End to end on a real PyTorch export (tiny BERT sentence encoder) and real text samples."""
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qcompile
+from qcompile.artifact import Artifact
+from qcompile.numerics import sqnr_db
+from qcompile.runtime import make_session
+
+
+def test_export_matches_pytorch(tiny_bert):
+    from qcompile.models import sentence_encoder
+
+    feed = {k: v[:3] for k, v in np.load(tiny_bert["eval"]).items()}
+    expected = sentence_encoder.tiny_bert()(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+    actual = make_session(str(tiny_bert["model"])).run(None, feed)[0]
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_bert, tmp_path_factory):
+    artifact = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(), calib=tiny_bert["calib"],
+                                verify_data=tiny_bert["eval"])
+    folder = artifact.save(tmp_path_factory.mktemp("artifact") / "out")
+    return artifact, folder
+
+
+def test_artifact_layout_and_manifest(compiled):
+    artifact, folder = compiled
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx", "report.html"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["qcompile_version"] == qcompile.__version__
+    assert qcompile.QuantConfig.from_dict(manifest["config"]) == qcompile.QuantConfig()
+    assert manifest["custom_op_library"] is None
+    assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "plan-w8a8", "insert-qdq"]
+    kinds = Counter(t["kind"] for t in manifest["plan"]["tensors"])
+    assert kinds["weight"] == 12  # 2 layers x (Q, K, V, attention output, FFN in, FFN out)
+    assert any(t["reason"] == "softmax output" and t["scale"] == pytest.approx(1 / 255) for t in manifest["plan"]["tensors"])
+    assert {s["op_type"] for s in manifest["plan"]["kept_float"]} >= {"Softmax", "LayerNormalization"}
+    verification = manifest["verification"]
+    assert verification["samples"] == 8
+    assert len(verification["layers"]) > 20
+    report = (folder / "report.html").read_text()
+    assert "<svg" in report and "Per-layer output SQNR" in report
+
+
+def test_quantized_model_is_close_to_float_and_verification_is_honest(compiled, tiny_bert):
+    artifact, folder = compiled
+    feed = dict(np.load(tiny_bert["eval"]))
+    reference = make_session(str(tiny_bert["model"])).run(None, feed)[0]
+    quantized = artifact.session().run(None, feed)[0]
+    measured = sqnr_db(reference, quantized)
+    assert measured > 15.0
+    recorded = artifact.manifest["verification"]["outputs"]["sentence_embedding"]["sqnr_db"]
+    assert recorded == pytest.approx(measured, abs=0.05)
+    ops = Counter(n.op_type for n in artifact.model.graph.node)
+    assert ops["DequantizeLinear"] > ops["QuantizeLinear"] > 0
+    np.testing.assert_array_equal(Artifact.load(folder).session().run(None, feed)[0], quantized)
+
+
+def test_same_inputs_give_byte_identical_artifacts(compiled, tiny_bert, tmp_path):
+    _, folder = compiled
+    again = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(), calib=tiny_bert["calib"],
+                             verify_data=tiny_bert["eval"]).save(tmp_path / "again")
+    for name in ("model.onnx", "manifest.json", "report.html"):
+        assert (folder / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_in_memory_calibration_data_gives_the_same_model(compiled, tiny_bert):
+    artifact, _ = compiled
+    arrays = np.load(tiny_bert["calib"])
+    feeds = [{k: arrays[k][i : i + 1] for k in arrays.files} for i in range(len(arrays["input_ids"]))]
+    from_feeds = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(), calib=feeds, verify_data=tiny_bert["eval"])
+    assert from_feeds.model.SerializeToString() == artifact.model.SerializeToString()
+
+
+def test_large_models_save_weights_as_external_data(compiled, tmp_path):
+    artifact, _ = compiled
+    folder = artifact.save(tmp_path / "external", external_data_threshold=1000)
+    assert (folder / "model.onnx.data").is_file()
+    assert onnx.load(str(folder / "model.onnx")).graph.initializer  # loads with its side file
+    reloaded = Artifact.load(folder).model
+    for saved, ours in zip(reloaded.graph.initializer, artifact.model.graph.initializer, strict=True):
+        # equal values on disk, and ours was not emptied by the save
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(saved), onnx.numpy_helper.to_array(ours))
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_other_calibration_methods(tiny_bert, method):
+    config = qcompile.QuantConfig(calib_method=method)
+    artifact = qcompile.compile(tiny_bert["model"], config, calib=tiny_bert["calib"], verify_data=tiny_bert["eval"])
+    assert artifact.manifest["verification"]["outputs"]["sentence_embedding"]["sqnr_db"] > 10.0
+
+
+def test_holdout_from_calibration_data_when_no_verify_data(tiny_bert):
+    artifact = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(verify_fraction=0.25), calib=tiny_bert["calib"])
+    assert artifact.manifest["verification"]["samples"] == 6  # 25% of 24
+
+
+def test_config_round_trips_and_rejects_bad_values():
+    config = qcompile.QuantConfig(calib_method="percentile", percentile=99.9, quantize_attention=False)
+    assert qcompile.QuantConfig.from_json(config.to_json()) == config
+    with pytest.raises(qcompile.QCompileError, match="calib_method must be one of"):
+        qcompile.QuantConfig(calib_method="kl")
+    with pytest.raises(qcompile.QCompileError, match="unknown config keys: bits"):
+        qcompile.QuantConfig.from_dict({"bits": 4})

@@ -1,0 +1,127 @@
+"""Passes on a tiny hand-built attention-like graph: exact plan, exact rewrite, numerics vs NumPy."""
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.config import QuantConfig
+from qcompile.numerics import INT8_SYMMETRIC, UINT8, fake_quantize
+from qcompile.passes import InsertQDQ, NormalizeGraph, PlanW8A8
+from qcompile.pipeline import CompileContext, PassResult, Pipeline
+from qcompile.plan import QuantParams
+from qcompile.runtime import make_session
+
+SHAPE = [1, 4, 8]
+
+
+def attention_like_model(rng) -> onnx.ModelProto:
+    """x -> MatMul(W) + b -> residual Add with x -> r;  y = Softmax(r r^T) r  (+ a mask-like broadcast Add)."""
+    weight = rng.normal(size=(8, 8)).astype(np.float32)
+    bias = rng.normal(size=(8,)).astype(np.float32)
+    mask = np.zeros((1, 1, 4), np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),  # unnamed on purpose
+        helper.make_node("Add", ["h", "b"], ["hb"], name="bias_add"),
+        helper.make_node("Add", ["hb", "x"], ["r"], name="residual_add"),
+        helper.make_node("Transpose", ["r"], ["rt"], name="transpose", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["r", "rt"], ["scores"], name="scores_matmul"),
+        helper.make_node("Constant", [], ["mask"], name="mask_constant", value=numpy_helper.from_array(mask)),
+        helper.make_node("Add", ["scores", "mask"], ["masked"], name="mask_add"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "r"], ["y"], name="context_matmul"),
+    ]
+    graph = helper.make_graph(nodes, "attention_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+                              [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def planned(model, **config):
+    context = CompileContext.from_model(model, QuantConfig(**config))
+    Pipeline([NormalizeGraph(), PlanW8A8()]).run(context)
+    return context
+
+
+def test_normalize_names_nodes_and_folds_constants(rng):
+    context = CompileContext.from_model(attention_like_model(rng), QuantConfig())
+    result = NormalizeGraph().run(context)
+    assert result.changed == 2
+    assert [node.name for node in context.graph.nodes][0] == "MatMul_0"
+    assert "Constant" not in {node.op for node in context.graph.nodes}
+
+
+def test_plan_lists_each_tensor_once_with_its_consumers(rng):
+    plan = planned(attention_like_model(rng)).plan
+    summary = {name: (s.kind, s.dtype, s.axis, s.consumers, s.fixed_range) for name, s in plan.specs.items()}
+    assert summary == {
+        "x": ("activation", "uint8", None, (("MatMul_0", 0), ("residual_add", 1)), None),
+        "W": ("weight", "int8", 1, (("MatMul_0", 1),), None),
+        "hb": ("activation", "uint8", None, (("residual_add", 0),), None),
+        "r": ("activation", "uint8", None, (("scores_matmul", 0), ("context_matmul", 1)), None),
+        "rt": ("activation", "uint8", None, (("scores_matmul", 1),), None),
+        "probs": ("activation", "uint8", None, (("context_matmul", 0),), (0.0, 1.0)),
+    }
+    kept = {(s.node, s.op_type) for s in plan.skipped}
+    assert kept == {("bias_add", "Add"), ("mask_add", "Add"), ("softmax", "Softmax")}
+
+
+def test_plan_respects_config_switches(rng):
+    plan = planned(attention_like_model(rng), quantize_attention=False, quantize_residual_adds=False).plan
+    assert set(plan.specs) == {"x", "W"}
+    assert planned(attention_like_model(rng), acts="none").plan.of_kind("activation") == []
+
+
+def test_insert_qdq_rewrites_exactly_and_matches_numpy(rng):
+    model = attention_like_model(rng)
+    context = planned(model)
+    params = {name: QuantParams.make(0.05, 128, UINT8) for name in ("x", "hb", "r", "rt")}
+    params["probs"] = QuantParams.make(1 / 255, 0, UINT8)
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    weight_scale = np.abs(weight).max(axis=0) / 127
+    params["W"] = QuantParams.make(weight_scale, np.zeros(8), INT8_SYMMETRIC)
+    context.plan.params = params
+    assert InsertQDQ().run(context).changed == 6
+    rewritten = context.model()
+
+    ops = Counter(node.op_type for node in rewritten.graph.node)
+    assert ops == Counter({"QuantizeLinear": 5, "DequantizeLinear": 6, "MatMul": 3, "Add": 3, "Transpose": 1, "Softmax": 1})
+    quantized_weight = next(i for i in rewritten.graph.initializer if i.name == "W_quantized")
+    assert quantized_weight.data_type == TensorProto.INT8
+    assert all(i.name != "W" for i in rewritten.graph.initializer)  # float weight dropped
+
+    x = rng.normal(size=SHAPE).astype(np.float32)
+
+    def qdq(v, name):
+        p = params[name]
+        # float32 throughout, as ONNX Runtime computes: rounding ties must land the same way
+        return fake_quantize(v.astype(np.float32), p.scale, p.zero_point.astype(np.float32),
+                             INT8_SYMMETRIC if name == "W" else UINT8).astype(np.float32)
+
+    hb = qdq(x, "x") @ qdq(weight, "W") + numpy_helper.to_array(model.graph.initializer[1])
+    r = qdq(hb, "hb") + qdq(x, "x")
+    scores = qdq(r, "r") @ qdq(r.transpose(0, 2, 1), "rt")
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = qdq(probs, "probs") @ qdq(r, "r")
+    # The graph's own semantics, unoptimised: agrees with NumPy to float rounding.
+    unfused = make_session(rewritten, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
+    np.testing.assert_allclose(unfused, expected, rtol=1e-5, atol=1e-5)
+    # Optimised, ORT fuses into integer kernels (QLinearAdd rounds in fixed point): within one step of r.
+    fused = make_session(rewritten).run(None, {"x": x})[0]
+    np.testing.assert_allclose(fused, expected, atol=float(params["r"].scale) * 1.01)
+
+
+def test_pipeline_names_the_failing_pass_and_those_before_it(rng):
+    class Broken:
+        name = "broken"
+
+        def run(self, context):
+            context.graph.nodes[0].inputs.clear()  # leaves a MatMul without inputs
+            return PassResult(1, "broke it")
+
+    context = CompileContext.from_model(attention_like_model(rng), QuantConfig())
+    with pytest.raises(RuntimeError, match=r"pass broken failed \(passes before it: normalize-graph\)"):
+        Pipeline([NormalizeGraph(), Broken()]).run(context)
