@@ -13,7 +13,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -43,10 +42,13 @@ def main() -> None:
     calib = models.write_samples("all-minilm-l6-v2", "calib", max(args.calib_samples, *args.memory_samples),
                                  args.out / "calib_all.npz")
     evaluation = models.write_samples("all-minilm-l6-v2", "eval", args.eval_samples, args.out / "eval.npz")
+    _check_finite_mask_copy(str(model_path), str(evaluation), str(args.out))
     calib_sets = {n: _subset(calib, n, args.out / f"calib_{n}.npz") for n in {args.calib_samples, *args.memory_samples}}
 
     jobs = [("float", None, args.calib_samples)]
     jobs += [(f"qcompile {m}", ("qcompile", m), args.calib_samples) for m in ("mse", "minmax", "percentile")]
+    # The residual stream carries BERT's outlier dimensions; this row shows what keeping it float buys.
+    jobs += [("qcompile mse, residual Adds float", ("qcompile", "mse", "no-residual"), args.calib_samples)]
     jobs += [(f"onnxruntime {m}", ("onnxruntime", m), args.calib_samples) for m in ("MinMax", "Percentile", "Entropy")]
     rows = []
     for name, method, samples in jobs:
@@ -96,11 +98,11 @@ def _run_method(name: str, method, model_path: str, calib_path: str, eval_path: 
     if method is None:
         quantized_path = model_path
     elif method[0] == "qcompile":
-        quantized_path = _qcompile(method[1], model_path, calib_path, out)
+        quantized_path = _qcompile(method[1], model_path, calib_path, out, residual="no-residual" not in method)
     else:
         quantized_path = _onnxruntime(method[1], model_path, calib_path, out)
     quantize_seconds = time.perf_counter() - start if method else 0.0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     accuracy = _accuracy(model_path, quantized_path, eval_path)
     return {
         "method": name, **accuracy, "calibration_seconds": round(quantize_seconds, 2),
@@ -110,10 +112,20 @@ def _run_method(name: str, method, model_path: str, calib_path: str, eval_path: 
     }
 
 
-def _qcompile(method: str, model_path: str, calib_path: str, out: str) -> str:
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, unlike ru_maxrss, restarts at exec, so a spawned
+    worker does not inherit the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _qcompile(method: str, model_path: str, calib_path: str, out: str, residual: bool) -> str:
     import qcompile
 
-    config = qcompile.QuantConfig(weights="int8", acts="int8", calib_method=method, verify_fraction=0.0)
+    config = qcompile.QuantConfig(weights="int8", acts="int8", calib_method=method, verify_fraction=0.0,
+                                  quantize_residual_adds=residual)
     artifact = qcompile.compile(model_path, config, calib=calib_path)
     folder = Path(tempfile.mkdtemp(dir=out, prefix=f"qcompile_{method}_"))
     artifact.save(folder, force=True)
@@ -133,15 +145,52 @@ def _onnxruntime(method: str, model_path: str, calib_path: str, out: str) -> str
             row = next(self.rows, None)
             return None if row is None else {name: archive[name][row : row + 1] for name in archive.files}
 
+    target = str(Path(out) / f"onnxruntime_{method}.onnx")
+    quantize_static(_finite_mask_copy(model_path, out), target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=_mask_path(model_path))
+    return target
+
+
+def _finite_mask_copy(model_path: str, out: str) -> str:
+    """The model with its attention-mask fill value float32 min replaced by -1e4. ORT's calibrators
+    histogram every tensor of the quantizable op types, nodes_to_exclude or not, and Entropy cannot
+    bin a range reaching float32 min. exp(-1e4) is 0 in float32, so the outputs do not change."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(model_path)
+    for index, initializer in enumerate(model.graph.initializer):
+        values = numpy_helper.to_array(initializer)
+        if values.dtype == np.float32 and values.size and values.max() <= np.finfo(np.float32).min / 2:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.full_like(values, -1e4), initializer.name))
+    target = str(Path(out) / "model_finite_mask.onnx")
+    onnx.save(model, target)
+    return target
+
+
+def _check_finite_mask_copy(model_path: str, eval_path: str, out: str) -> None:
+    from qcompile.runtime import make_session
+
+    feed = dict(np.load(eval_path))
+    original = make_session(model_path).run(None, feed)[0]
+    copy = make_session(_finite_mask_copy(model_path, out)).run(None, feed)[0]
+    np.testing.assert_allclose(copy, original, atol=1e-6)
+
+
+def _mask_path(model_path: str) -> list[str]:
+    """Nodes from the attention-mask Where down to the Softmaxes: kept float for every ORT method,
+    as qcompile keeps them."""
     import onnx
 
-    # The attention-mask Where emits float32 min; ORT's Entropy calibrator cannot bin that range,
-    # so the mask path stays float for every ORT method (qcompile keeps it float too).
-    mask_nodes = [n.name for n in onnx.load(model_path, load_external_data=False).graph.node if n.op_type == "Where"]
-    target = str(Path(out) / f"onnxruntime_{method}.onnx")
-    quantize_static(model_path, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=mask_nodes)
-    return target
+    nodes = onnx.load(model_path, load_external_data=False).graph.node
+    tainted = {output for node in nodes if node.op_type == "Where" for output in node.output}
+    excluded = [node.name for node in nodes if node.op_type == "Where"]
+    for node in nodes:  # graph order is topological
+        if node.op_type != "Where" and tainted.intersection(node.input):
+            excluded.append(node.name)
+            if node.op_type != "Softmax":
+                tainted.update(node.output)
+    return excluded
 
 
 def _accuracy(float_path: str, quantized_path: str, eval_path: str) -> dict:

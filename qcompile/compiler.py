@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +54,16 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         histograms = calibration.collect_histograms(
             reference, [s.tensor for s in calibrated], batched(calib_feeds, inputs, config.calib_batch_size),
             threads=DETERMINISTIC_THREADS)
-    weights = {tensor.name: tensor.values for tensor in context.graph.tensors().values() if hasattr(tensor, "values")}
-    for spec in plan.specs.values():
-        if spec.kind == "weight":
-            plan.params[spec.tensor] = calibration.weight_params(spec, weights[spec.tensor], config.calib_method)
-        else:
-            plan.params[spec.tensor] = calibration.activation_params(
-                spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
+    constants = {tensor.name: tensor.values for tensor in context.graph.tensors().values() if hasattr(tensor, "values")}
+    weight_specs = plan.of_kind("weight")
+    # Weights are independent and NumPy releases the GIL: solve them on all cores.
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        solved = pool.map(lambda spec: calibration.weight_params(spec, constants[spec.tensor], config.calib_method),
+                          weight_specs)
+        plan.params.update(zip((spec.tensor for spec in weight_specs), solved))
+    for spec in plan.of_kind("activation"):
+        plan.params[spec.tensor] = calibration.activation_params(
+            spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
     records += Pipeline([InsertQDQ()]).run(context)
     quantized = context.model()
 

@@ -66,7 +66,7 @@ def test_weighted_rows_equal_repeated_values(rng):
     for grid in (INT8_SYMMETRIC, UINT8):
         weighted = numerics.mse_params(distinct, grid, weights=counts)
         raw = numerics.mse_params(repeated, grid)
-        np.testing.assert_allclose(weighted[0], raw[0], rtol=1e-9)
+        np.testing.assert_allclose(weighted[0], raw[0], rtol=1e-6)  # float32 sums, other order
         np.testing.assert_array_equal(weighted[1], raw[1])
 
 
