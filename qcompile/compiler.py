@@ -19,6 +19,7 @@ from .pipeline import CompileContext, Pipeline
 from .plan import QuantPlan
 from .runtime import DETERMINISTIC_THREADS
 from .verify import verify
+from .passes import InsertQDQ, NormalizeGraph, PlanW8A8
 
 
 def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
@@ -29,8 +30,6 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     verify_data: held-out samples for verification; default: the last `config.verify_fraction`
         of the calibration samples (which then are not used for calibration).
     """
-    from qcompile.passes import InsertQDQ, NormalizeGraph, PlanW8A8
-
     config = config or QuantConfig()
     float_model = load_model(model)
     inputs = model_input_specs(float_model)

@@ -50,7 +50,10 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _sqnr_plot(layers: list[dict]) -> str:
-    values = [l["sqnr_db"] if isinstance(l["sqnr_db"], float) else 0.0 for l in layers]
+    # An exact layer has infinite SQNR (stored as "inf"): draw it at the top of the others.
+    finite = [l["sqnr_db"] for l in layers if isinstance(l["sqnr_db"], float)]
+    ceiling = max(finite, default=0.0) + 10.0
+    values = [l["sqnr_db"] if isinstance(l["sqnr_db"], float) else ceiling for l in layers]
     figure, axes = plt.subplots(figsize=(max(6, len(values) * 0.12), 3.2))
     axes.bar(range(len(values)), values, color="#3b6ea5")
     axes.set_xlabel("quantized layer (graph order)")
