@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def export_module(module: torch.nn.Module, example: dict[str, np.ndarray], path:
     dims = [torch.export.Dim(axis_name) for axis_name in dynamic_axes]
     dynamic_shapes = {name: {axis: dims[axis] for axis in range(min(len(dims), example[name].ndim))} for name in names}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The exporter logs that torchvision ops are unavailable; we export no torchvision ops.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, tensors, input_names=names, output_names=output_names,
