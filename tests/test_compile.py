@@ -109,3 +109,18 @@ def test_config_round_trips_and_rejects_bad_values():
         qcompile.QuantConfig(calib_method="kl")
     with pytest.raises(qcompile.QCompileError, match="unknown config keys: bits"):
         qcompile.QuantConfig.from_dict({"bits": 4})
+
+
+def test_float_graph_input_is_calibrated_directly(tmp_path):
+    """A model input feeding a MatMul is itself a calibrated activation (exposed as an extra output)."""
+    from onnx import TensorProto, helper
+
+    weight = onnx.numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [weight])
+    x = np.random.default_rng(0).normal(size=(10, 1, 3)).astype(np.float32)
+    artifact = qcompile.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]),
+                                qcompile.QuantConfig(), calib=[{"x": sample} for sample in x])
+    assert {t["tensor"] for t in artifact.manifest["plan"]["tensors"]} == {"x", "w"}
+    assert artifact.manifest["verification"]["outputs"]["y"]["sqnr_db"] > 30.0
