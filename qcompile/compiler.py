@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from . import __version__, calibration, report
 from .artifact import Artifact
@@ -35,7 +36,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     inputs = model_input_specs(float_model)
     context = CompileContext.from_model(float_model, config)
     records = Pipeline([NormalizeGraph(), PlanW8A8()]).run(context)
-    reference = context.model()  # the float model with normalised names: calibration target
+    reference = context.model  # the float model with normalised names: calibration target
     plan = context.plan
 
     calibrated = [s for s in plan.of_kind("activation") if s.fixed_range is None]
@@ -53,7 +54,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         histograms = calibration.collect_histograms(
             reference, [s.tensor for s in calibrated], batched(calib_feeds, inputs, config.calib_batch_size),
             threads=DETERMINISTIC_THREADS)
-    constants = {tensor.name: tensor.values for tensor in context.graph.tensors().values() if hasattr(tensor, "values")}
+    constants = {name: t.values for name, t in context.graph.tensors().items() if isinstance(t, gs.Constant)}
     weight_specs = plan.of_kind("weight")
     # Weights are independent and NumPy releases the GIL: solve them on all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
@@ -64,7 +65,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         plan.params[spec.tensor] = calibration.activation_params(
             spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
     records += Pipeline([InsertQDQ()]).run(context)
-    quantized = context.model()
+    quantized = context.model
 
     verification = None
     if verify_feeds:

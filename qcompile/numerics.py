@@ -41,15 +41,18 @@ MSE_TOLERANCE = 1e-7
 _SOLVER_CHUNK_ELEMENTS = 1 << 22
 
 
+def codes(values, scale, zero_point, grid: IntGrid):
+    """Integer codes (as floats); round half to even, as ONNX QuantizeLinear does."""
+    return np.clip(np.round(values / scale) + zero_point, grid.qmin, grid.qmax)
+
+
 def fake_quantize(values, scale, zero_point, grid: IntGrid):
-    """Quantize then dequantize; round half to even, as ONNX QuantizeLinear does."""
-    codes = np.clip(np.round(values / scale) + zero_point, grid.qmin, grid.qmax)
-    return (codes - zero_point) * scale
+    """Quantize then dequantize."""
+    return (codes(values, scale, zero_point, grid) - zero_point) * scale
 
 
 def quantize(values, scale, zero_point, grid: IntGrid) -> np.ndarray:
-    codes = np.clip(np.round(values / scale) + zero_point, grid.qmin, grid.qmax)
-    return codes.astype(grid.dtype)
+    return codes(values, scale, zero_point, grid).astype(grid.dtype)
 
 
 def params_from_range(low, high, grid: IntGrid):
@@ -107,8 +110,8 @@ def _solve_alternating(values, weights, grid: IntGrid):
     best_scale, best_zero_point = params_from_range(low * low_ratio, high * high_ratio, grid)
     scale, zero_point = best_scale[:, None], best_zero_point[:, None]
     for _ in range(MSE_MAX_ITERATIONS):
-        codes = np.clip(np.round(values / scale) + zero_point, grid.qmin, grid.qmax)
-        new_scale, zero_point = _fit_to_codes(values, weights, codes, scale, zero_point, grid)
+        fixed_codes = codes(values, scale, zero_point, grid)
+        new_scale, zero_point = _fit_to_codes(values, weights, fixed_codes, scale, zero_point, grid)
         moved = np.abs(new_scale - scale) > MSE_TOLERANCE * scale
         scale = new_scale
         # The asymmetric step rounds its zero point, so it is not monotone: keep the best iterate.
@@ -130,18 +133,18 @@ def _sweep(values, weights, grid, low, high, low_ratios, high_ratios):
     return low_ratios[pick, rows], high_ratios[pick, rows], errors[pick, rows]
 
 
-def _fit_to_codes(values, weights, codes, scale, zero_point, grid: IntGrid):
+def _fit_to_codes(values, weights, fixed_codes, scale, zero_point, grid: IntGrid):
     """Least-squares parameters for fixed integer codes; degenerate fits keep the old parameters."""
     if grid.symmetric:
-        numerator = (weights * values * codes).sum(-1, keepdims=True)
-        denominator = (weights * codes * codes).sum(-1, keepdims=True)
+        numerator = (weights * values * fixed_codes).sum(-1, keepdims=True)
+        denominator = (weights * fixed_codes * fixed_codes).sum(-1, keepdims=True)
         fitted = np.divide(numerator, denominator, out=scale.copy(), where=denominator > 0)
         return np.where(fitted > 0, fitted, scale), zero_point
     # values ~ a * codes + b, then s = a and z = round(-b / a).
     w_sum = weights.sum(-1, keepdims=True)
-    mean_c = (weights * codes).sum(-1, keepdims=True) / w_sum
+    mean_c = (weights * fixed_codes).sum(-1, keepdims=True) / w_sum
     mean_v = (weights * values).sum(-1, keepdims=True) / w_sum
-    centred_c = codes - mean_c
+    centred_c = fixed_codes - mean_c
     covariance = (weights * centred_c * (values - mean_v)).sum(-1, keepdims=True)
     variance = (weights * centred_c * centred_c).sum(-1, keepdims=True)
     slope = np.divide(covariance, variance, out=scale.copy(), where=variance > 0)
@@ -178,7 +181,11 @@ def sqnr_db(reference, approximation) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when identical)."""
     reference = np.asarray(reference, dtype=np.float64)
     noise = np.sum((reference - np.asarray(approximation, dtype=np.float64)) ** 2)
-    signal = np.sum(reference**2)
+    return decibels(np.sum(reference**2), noise)
+
+
+def decibels(signal: float, noise: float) -> float:
+    """10 log10(signal / noise), inf for no noise."""
     if noise == 0:
         return float("inf")
     return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")

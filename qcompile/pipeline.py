@@ -18,16 +18,14 @@ class CompileContext:
     """Everything passes read and write; nothing lives in globals."""
 
     graph: gs.Graph
-    source: onnx.ModelProto  # the float model, for metadata and as the calibration target
+    model: onnx.ModelProto  # the checked export of `graph` as the last pass left it
+    source: onnx.ModelProto  # the float model as given, for metadata
     config: QuantConfig
     plan: QuantPlan = field(default_factory=QuantPlan)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, config: QuantConfig) -> "CompileContext":
-        return cls(graph=to_graph(model), source=model, config=config)
-
-    def model(self) -> onnx.ModelProto:
-        return to_model(self.graph, like=self.source)
+        return cls(graph=to_graph(model), model=model, source=model, config=config)
 
 
 @dataclass(frozen=True)
@@ -58,8 +56,9 @@ class Pipeline:
         for graph_pass in self.passes:
             try:
                 result = graph_pass.run(context)
-                if result.changed:
-                    context.graph = to_graph(context.model())  # checks the rewrite, refreshes shapes
+                if result.changed:  # check the rewrite, and refresh shapes for the next pass
+                    context.model = to_model(context.graph, like=context.source)
+                    context.graph = to_graph(context.model)
             except QCompileError:
                 raise
             except Exception as error:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from .numerics import decibels
 from .runtime import make_session, with_extra_outputs
 
 
@@ -49,9 +50,7 @@ class _SqnrSum:
         self.noise += float(np.sum((reference - approximation) ** 2))
 
     def db(self) -> float:
-        if self.noise == 0:
-            return float("inf")
-        return 10.0 * np.log10(self.signal / self.noise) if self.signal > 0 else float("-inf")
+        return decibels(self.signal, self.noise)
 
 
 def verify(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds: Iterable[dict],
@@ -71,7 +70,7 @@ def verify(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds
         for name in names:
             sums[name].add(reference[name], quantized[name])
         for name in outputs:
-            cosines[name].extend(_row_cosines(reference[name], quantized[name]))
+            cosines[name].extend(row_cosines(reference[name], quantized[name]))
         samples += 1
     return Verification(
         samples=samples,
@@ -80,7 +79,7 @@ def verify(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds
     )
 
 
-def _row_cosines(reference: np.ndarray, approximation: np.ndarray) -> list[float]:
+def row_cosines(reference: np.ndarray, approximation: np.ndarray) -> list[float]:
     """Cosine similarity per leading-axis row (one per sample of a batch)."""
     a = reference.reshape(len(reference), -1).astype(np.float64) if reference.ndim else reference.reshape(1, 1)
     b = approximation.reshape(a.shape).astype(np.float64)

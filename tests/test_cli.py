@@ -7,6 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import matmul_model
+
 
 def qcompile(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True, cwd=cwd)
@@ -66,7 +68,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_bert, tmp_path, case, messag
         args = ["--calib", bad_calibration(tiny_bert, tmp_path, lambda a: a.update(input_ids=a["input_ids"][..., None, None]))]
     elif case == "nan":
         model = tmp_path / "float_input.onnx"
-        _float_input_model(model)
+        onnx.save(matmul_model(), str(model))
         bad = tmp_path / "nan.npz"
         x = np.ones((4, 1, 3), np.float32)
         x[2, 0, 1] = np.nan
@@ -86,14 +88,6 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_bert, tmp_path, case, messag
     else:
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folders left
-
-
-def _float_input_model(path):
-    weight = onnx.numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
 
 
 def test_compile_then_run(tiny_bert, tmp_path):

@@ -11,6 +11,7 @@ import qcompile
 from qcompile.artifact import Artifact
 from qcompile.numerics import sqnr_db
 from qcompile.runtime import make_session
+from conftest import matmul_model
 
 
 def test_export_matches_pytorch(tiny_bert):
@@ -113,14 +114,7 @@ def test_config_round_trips_and_rejects_bad_values():
 
 def test_float_graph_input_is_calibrated_directly(tmp_path):
     """A model input feeding a MatMul is itself a calibrated activation (exposed as an extra output)."""
-    from onnx import TensorProto, helper
-
-    weight = onnx.numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [weight])
     x = np.random.default_rng(0).normal(size=(10, 1, 3)).astype(np.float32)
-    artifact = qcompile.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]),
-                                qcompile.QuantConfig(), calib=[{"x": sample} for sample in x])
+    artifact = qcompile.compile(matmul_model(), qcompile.QuantConfig(), calib=[{"x": sample} for sample in x])
     assert {t["tensor"] for t in artifact.manifest["plan"]["tensors"]} == {"x", "w"}
     assert artifact.manifest["verification"]["outputs"]["y"]["sqnr_db"] > 30.0

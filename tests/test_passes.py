@@ -83,8 +83,9 @@ def test_insert_qdq_rewrites_exactly_and_matches_numpy(rng):
     weight_scale = np.abs(weight).max(axis=0) / 127
     params["W"] = QuantParams.make(weight_scale, np.zeros(8), INT8_SYMMETRIC)
     context.plan.params = params
-    assert InsertQDQ().run(context).changed == 6
-    rewritten = context.model()
+    records = Pipeline([InsertQDQ()]).run(context)
+    assert records[0].changed == 6
+    rewritten = context.model
 
     ops = Counter(node.op_type for node in rewritten.graph.node)
     assert ops == Counter({"QuantizeLinear": 5, "DequantizeLinear": 6, "MatMul": 3, "Add": 3, "Transpose": 1, "Softmax": 1})
