@@ -2,6 +2,7 @@
 
 Pattern -> plan (the graph is not changed):
     MatMul / Gemm / Conv with a constant float weight  ->  weight: int8 symmetric, per output channel
+    Gather from a constant float table (embedding)     ->  weight: int8 symmetric, per last-axis channel
     their float activation input(s)                     ->  activation: uint8, per tensor, calibrated
     MatMul of two activations (attention Q.K^T, P.V)    ->  both inputs (if quantize_attention)
     ... whose input is a Softmax output                 ->  uint8 with the fixed range [0, 1]
@@ -33,6 +34,9 @@ class PlanW8A8:
         for node in context.graph.nodes:
             if node.op in LINEAR_OPS:
                 _plan_linear(node, plan, config.weights != "none", config.acts != "none", config.quantize_attention)
+            elif node.op == "Gather" and config.weights != "none" and _is_table(node.inputs[0]):
+                plan.add(TensorSpec(node.inputs[0].name, "weight", "int8", _table_axis(node), ((node.name, 0),),
+                                    "Gather table (embedding)"))
             elif node.op == "Add" and config.acts != "none" and config.quantize_residual_adds and _is_residual(node):
                 for index, tensor in enumerate(node.inputs):
                     plan.add(_activation(tensor, node, index, "residual Add input"))
@@ -85,6 +89,16 @@ def _channel_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:
             return None
         return 0 if node.attrs.get("transB", 0) else 1
     return rank - 1 if index == 1 and rank >= 2 else None  # MatMul: B is (..., K, N)
+
+
+def _is_table(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and _is_float(tensor) and len(tensor.shape) >= 2
+
+
+def _table_axis(node: gs.Node) -> int | None:
+    """One scale per last-axis channel (the embedding's hidden dim), unless Gather indexes that axis."""
+    rank = len(node.inputs[0].shape)
+    return rank - 1 if node.attrs.get("axis", 0) % rank != rank - 1 else None
 
 
 def _is_residual(node: gs.Node) -> bool:

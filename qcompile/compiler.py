@@ -20,7 +20,7 @@ from .pipeline import CompileContext, Pipeline
 from .plan import QuantPlan
 from .runtime import DETERMINISTIC_THREADS
 from .verify import verify
-from .passes import InsertQDQ, NormalizeGraph, PlanW8A8
+from .passes import DequantizeAfterGather, InsertQDQ, NormalizeGraph, PlanW8A8
 
 
 def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
@@ -64,7 +64,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     for spec in plan.of_kind("activation"):
         plan.params[spec.tensor] = calibration.activation_params(
             spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
-    records += Pipeline([InsertQDQ()]).run(context)
+    records += Pipeline([InsertQDQ(), DequantizeAfterGather()]).run(context)
     quantized = context.model
 
     verification = None

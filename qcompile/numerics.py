@@ -37,6 +37,9 @@ COARSE_RATIOS = np.geomspace(0.02, 1.0, 32)
 FINE_STEPS = np.linspace(1 / 1.13, 1.13, 15)  # around the coarse best; 1.13 = the coarse spacing
 MSE_MAX_ITERATIONS = 100
 MSE_TOLERANCE = 1e-7
+# Rows longer than this are solved on a per-row histogram of as many bins (centres weighted by
+# counts): the solver's cost then stops growing with the row (an embedding table has 30k-value rows).
+MAX_EXACT_ROW = 4096
 # Bounds the (starts x rows x n) working set of the vectorised solver, in elements.
 _SOLVER_CHUNK_ELEMENTS = 1 << 22
 
@@ -89,6 +92,8 @@ def mse_params(values, grid: IntGrid, weights=None):
     # float32 halves the memory traffic; the MSE comparisons need no more precision than that.
     values = np.atleast_2d(np.asarray(values, dtype=np.float32))
     weights = np.ones_like(values) if weights is None else np.atleast_2d(np.asarray(weights, np.float32))
+    if values.shape[1] > MAX_EXACT_ROW:
+        values, weights = row_histograms(values, weights, MAX_EXACT_ROW)
     rows = values.shape[0]
     chunk = max(1, _SOLVER_CHUNK_ELEMENTS // (len(COARSE_RATIOS) * values.shape[1]))
     scales, zero_points = np.empty(rows), np.empty(rows)
@@ -96,6 +101,20 @@ def mse_params(values, grid: IntGrid, weights=None):
         part = slice(begin, begin + chunk)
         scales[part], zero_points[part] = _solve_alternating(values[part], weights[part], grid)
     return scales, zero_points
+
+
+def row_histograms(values, weights, bins: int):
+    """Per row: `bins` equal bins over [min, max], as (centres, summed weights), each (rows, bins).
+    The outermost centres sit on the row's min and max, so the full range stays reachable."""
+    rows = len(values)
+    low, high = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
+    width = np.where(high > low, (high - low) / bins, 1.0).astype(np.float32)
+    index = np.clip(((values - low) / width).astype(np.int64), 0, bins - 1)
+    index += (np.arange(rows) * bins)[:, None]
+    counts = np.bincount(index.ravel(), weights=weights.ravel(), minlength=rows * bins).reshape(rows, bins)
+    centres = low + (np.arange(bins, dtype=np.float32) + 0.5) * width
+    centres[:, 0], centres[:, -1] = low[:, 0], high[:, 0]
+    return centres.astype(np.float32), counts.astype(np.float32)
 
 
 def _solve_alternating(values, weights, grid: IntGrid):

@@ -82,3 +82,15 @@ def test_sqnr():
     reference = np.array([3.0, 4.0])
     assert numerics.sqnr_db(reference, reference) == float("inf")
     assert numerics.sqnr_db(reference, reference * 1.1) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("grid", [INT8_SYMMETRIC, UINT8, INT4_SYMMETRIC], ids=["int8", "uint8", "int4"])
+def test_long_rows_solved_on_histograms_stay_near_the_exact_solution(rng, grid):
+    """Rows over MAX_EXACT_ROW values (embedding tables) are solved on a per-row histogram."""
+    values = np.concatenate([rng.laplace(size=(3, 30000)), rng.normal(scale=20, size=(3, 8))], axis=1)
+    ones = np.ones_like(values)
+    summarised = numerics.weighted_mse(values, ones, *(p[:, None] for p in numerics.mse_params(values, grid)), grid)
+    assert values.shape[1] > numerics.MAX_EXACT_ROW
+    reference_scale, reference_zero_point = numerics.grid_search_params(values, grid, steps=400 if grid.symmetric else 60)
+    reference = numerics.weighted_mse(values, ones, reference_scale[:, None], reference_zero_point[:, None], grid)
+    assert (summarised / reference).max() < 1.05

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.config import QuantConfig
 from qcompile.numerics import INT8_SYMMETRIC, UINT8, fake_quantize
-from qcompile.passes import InsertQDQ, NormalizeGraph, PlanW8A8
+from qcompile.passes import DequantizeAfterGather, InsertQDQ, NormalizeGraph, PlanW8A8
 from qcompile.pipeline import CompileContext, PassResult, Pipeline
 from qcompile.plan import QuantParams
 from qcompile.runtime import make_session
@@ -126,3 +126,48 @@ def test_pipeline_names_the_failing_pass_and_those_before_it(rng):
     context = CompileContext.from_model(attention_like_model(rng), QuantConfig())
     with pytest.raises(RuntimeError, match=r"pass broken failed \(passes before it: normalize-graph\)"):
         Pipeline([NormalizeGraph(), Broken()]).run(context)
+
+
+def gather_model(table_codes, scale, channel_axis, gather_axis, indices_shape):
+    """W_q -> DequantizeLinear(axis) -> Gather(axis, indices) -> y."""
+    attrs = {"axis": channel_axis} if channel_axis is not None else {}
+    nodes = [helper.make_node("DequantizeLinear", ["W_q", "s", "z"], ["W"], name="dq", **attrs),
+             helper.make_node("Gather", ["W", "idx"], ["y"], name="gather", axis=gather_axis)]
+    zero_point = np.zeros_like(scale, dtype=np.int8)
+    graph = helper.make_graph(nodes, "gather", [helper.make_tensor_value_info("idx", TensorProto.INT64, indices_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table_codes, "W_q"), numpy_helper.from_array(scale, "s"),
+                               numpy_helper.from_array(zero_point, "z")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("channel_axis, gather_axis", [(1, 0), (0, 1), (None, 0)])
+def test_dequantize_after_gather_is_exact(rng, channel_axis, gather_axis):
+    codes = rng.integers(-127, 128, size=(7, 5)).astype(np.int8)
+    scale = np.float32(0.1) if channel_axis is None else rng.uniform(0.01, 1, codes.shape[channel_axis]).astype(np.float32)
+    model = gather_model(codes, scale, channel_axis, gather_axis, [2, 3])
+    context = CompileContext.from_model(model, QuantConfig())
+    records = Pipeline([DequantizeAfterGather()]).run(context)
+    assert records[0].changed == 1
+    assert [n.op_type for n in context.model.graph.node] == ["Gather", "DequantizeLinear"]
+    gather = context.model.graph.node[0]
+    assert gather.input[0] == "W_q" and gather.output[0] == "y_gathered_codes"
+    indices = rng.integers(0, codes.shape[gather_axis], size=(2, 3)).astype(np.int64)
+    expected = make_session(model).run(None, {"idx": indices})[0]
+    np.testing.assert_array_equal(make_session(context.model).run(None, {"idx": indices})[0], expected)
+
+
+def test_dequantize_after_gather_leaves_per_slice_scales_alone(rng):
+    codes = rng.integers(-127, 128, size=(7, 5)).astype(np.int8)
+    model = gather_model(codes, np.ones(7, np.float32), 0, 0, [3])  # each gathered row has its own scale
+    context = CompileContext.from_model(model, QuantConfig())
+    assert Pipeline([DequantizeAfterGather()]).run(context)[0].changed == 0
+
+
+def test_plan_quantizes_embedding_tables_per_hidden_channel(rng):
+    table = numpy_helper.from_array(rng.normal(size=(10, 4)).astype(np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "idx"], ["y"], name="embed")], "embed",
+                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], [table])
+    plan = planned(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).plan
+    assert {n: (s.kind, s.axis, s.consumers) for n, s in plan.specs.items()} == {"table": ("weight", 1, (("embed", 0),))}
