@@ -1,8 +1,8 @@
 """PlanW8A8: decide which tensors get 8-bit quantization, before any node is inserted.
 
 Pattern -> plan (the graph is not changed):
-    MatMul / Gemm / Conv with a constant float weight  ->  weight: int8 symmetric, per output channel
-    Gather from a constant float table (embedding)     ->  weight: int8 symmetric, per last-axis channel
+    MatMul / Gemm / Conv with a constant float weight  ->  weight: int8 (or int4) symmetric, per output channel
+    Gather from a constant float table (embedding)     ->  weight: the same, per last-axis channel
     their float activation input(s)                     ->  activation: uint8, per tensor, calibrated
     MatMul of two activations (attention Q.K^T, P.V)    ->  both inputs (if quantize_attention)
     ... whose input is a Softmax output                 ->  uint8 with the fixed range [0, 1]
@@ -33,9 +33,9 @@ class PlanW8A8:
         config, plan = context.config, QuantPlan()
         for node in context.graph.nodes:
             if node.op in LINEAR_OPS:
-                _plan_linear(node, plan, config.weights != "none", config.acts != "none", config.quantize_attention)
+                _plan_linear(node, plan, config.weights, config.acts != "none", config.quantize_attention)
             elif node.op == "Gather" and config.weights != "none" and _is_table(node.inputs[0]):
-                plan.add(TensorSpec(node.inputs[0].name, "weight", "int8", _table_axis(node), ((node.name, 0),),
+                plan.add(TensorSpec(node.inputs[0].name, "weight", config.weights, _table_axis(node), ((node.name, 0),),
                                     "Gather table (embedding)"))
             elif node.op == "Add" and config.acts != "none" and config.quantize_residual_adds and _is_residual(node):
                 for index, tensor in enumerate(node.inputs):
@@ -47,7 +47,8 @@ class PlanW8A8:
                              f"{len(plan.skipped)} nodes kept in float")
 
 
-def _plan_linear(node: gs.Node, plan: QuantPlan, weights: bool, acts: bool, attention: bool) -> None:
+def _plan_linear(node: gs.Node, plan: QuantPlan, weight_dtype: str, acts: bool, attention: bool) -> None:
+    weights = weight_dtype != "none"
     data_inputs = node.inputs[:2]  # Gemm's C and Conv's B are biases: kept in float
     constant = [isinstance(t, gs.Constant) for t in data_inputs]
     if not all(_is_float(t) for t in data_inputs):
@@ -63,7 +64,7 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, weights: bool, acts: bool, atte
     for index, tensor in enumerate(data_inputs):
         if isinstance(tensor, gs.Constant):
             if weights:
-                plan.add(TensorSpec(tensor.name, "weight", "int8", _channel_axis(node, index, tensor), ((node.name, index),),
+                plan.add(TensorSpec(tensor.name, "weight", weight_dtype, _channel_axis(node, index, tensor), ((node.name, index),),
                                     f"{node.op} weight"))
         elif acts:
             plan.add(_activation(tensor, node, index, f"{node.op} input"))

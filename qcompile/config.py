@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import QCompileError
 
-WEIGHT_FORMATS = ("int8", "none")
+WEIGHT_FORMATS = ("int8", "int4", "none")
 ACTIVATION_FORMATS = ("int8", "none")
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
 
@@ -16,7 +16,8 @@ CALIBRATION_METHODS = ("mse", "minmax", "percentile")
 class QuantConfig:
     """What to quantize and how.
 
-    weights: "int8" = symmetric int8, per output channel; "none" = keep float.
+    weights: "int8" = symmetric int8 (-127..127), per output channel; "int4" = symmetric -7..7, per
+        output channel, codes stored one per byte (int8 tensors); "none" = keep float.
     acts: "int8" = 8-bit activations, per tensor (stored as asymmetric uint8, the grid
         ONNX Runtime's fastest x86 integer kernels take); "none" = keep float.
     calib_method: how activation ranges are chosen: "mse" (seed 004's alternating solver),

@@ -30,6 +30,8 @@ class IntGrid:
 # Restricted symmetric int8 (-127..127): zero point 0 and no saturation in int8 x int8 dot products.
 INT8_SYMMETRIC = IntGrid(-127, 127, np.int8)
 UINT8 = IntGrid(0, 255, np.uint8)
+# 4-bit codes held one per byte in int8 tensors (no packing yet).
+INT4_SYMMETRIC = IntGrid(-7, 7, np.int8)
 
 # Clipping ratios swept to pick the alternating solver's start. At 8 bits an unclipped start is
 # already a fixpoint (its codes fit its own scale), so alternation alone would never clip.

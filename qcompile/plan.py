@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .numerics import INT8_SYMMETRIC, UINT8, IntGrid
+from .numerics import INT4_SYMMETRIC, INT8_SYMMETRIC, UINT8, IntGrid
 
-GRIDS = {"int8": INT8_SYMMETRIC, "uint8": UINT8}
+GRIDS = {"int8": INT8_SYMMETRIC, "int4": INT4_SYMMETRIC, "uint8": UINT8}
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,8 @@ class TensorSpec:
     """How one tensor is quantized, and which node inputs read the quantized value.
 
     kind: "weight" (a constant, quantized once at compile time) or "activation" (calibrated).
-    dtype: "int8" (symmetric, -127..127) or "uint8" (asymmetric, 0..255).
+    dtype: "int8" (symmetric, -127..127), "int4" (symmetric, -7..7, held in int8) or "uint8"
+        (asymmetric, 0..255).
     axis: the per-channel axis, or None for one scale per tensor.
     fixed_range: a range known from the math (softmax output: [0, 1]); no calibration needed.
     consumers: (node name, input index) pairs rewired to the quantized value.

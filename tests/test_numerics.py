@@ -4,10 +4,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from qcompile import numerics
-from qcompile.numerics import INT8_SYMMETRIC, UINT8, IntGrid
+from qcompile.numerics import INT4_SYMMETRIC, INT8_SYMMETRIC, UINT8, IntGrid
 from qcompile.runtime import make_session
 
-INT4_SYMMETRIC = IntGrid(-7, 7, np.int8)
+
 UINT4 = IntGrid(0, 15, np.uint8)
 
 
