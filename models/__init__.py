@@ -54,7 +54,7 @@ def get(name: str) -> ZooModel:
 
 def export(name: str, path: str | Path) -> Path:
     """Export a zoo model to ONNX with dynamic batch and sequence axes."""
-    from .export import export_module
+    from qcompile.torch_export import export_module
 
     model = get(name)
     example = {key: value[:2] for key, value in model.samples("calib", 2).items()}

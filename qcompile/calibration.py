@@ -102,14 +102,13 @@ def activation_params(spec: TensorSpec, histogram: StreamingHistogram | None, me
     return QuantParams.make(np.ravel(scale)[0], np.ravel(zero_point)[0], grid)
 
 
-def weight_params(spec: TensorSpec, weight: np.ndarray, method: str) -> QuantParams:
-    """Per-channel (or per-tensor) weight parameters: MSE unless the method is minmax."""
-    grid = spec.grid
-    rows = np.moveaxis(weight, spec.axis, 0).reshape(weight.shape[spec.axis], -1) if spec.axis is not None else weight.reshape(1, -1)
+def weight_params(weight: np.ndarray, axis: int | None, grid: numerics.IntGrid, method: str) -> QuantParams:
+    """Per-channel (along `axis`) or per-tensor weight parameters: MSE unless the method is minmax."""
+    rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1) if axis is not None else weight.reshape(1, -1)
     if method == "minmax":
         scale, zero_point = numerics.params_from_range(rows.min(axis=1), rows.max(axis=1), grid)
     else:
         scale, zero_point = numerics.mse_params(rows, grid)
-    if spec.axis is None:
+    if axis is None:
         scale, zero_point = scale[0], zero_point[0]
     return QuantParams.make(scale, zero_point, grid)

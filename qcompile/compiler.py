@@ -58,8 +58,8 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     weight_specs = plan.of_kind("weight")
     # Weights are independent and NumPy releases the GIL: solve them on all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        solved = pool.map(lambda spec: calibration.weight_params(spec, constants[spec.tensor], config.calib_method),
-                          weight_specs)
+        solved = pool.map(lambda spec: calibration.weight_params(constants[spec.tensor], spec.axis, spec.grid,
+                                                                 config.calib_method), weight_specs)
         plan.params.update(zip((spec.tensor for spec in weight_specs), solved))
     for spec in plan.of_kind("activation"):
         plan.params[spec.tensor] = calibration.activation_params(

@@ -13,13 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 matplotlib.rcParams["svg.hashsalt"] = "qcompile"
 
 
+_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>qcompile report</title>"
+         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>")
+
+
 def render(manifest: dict) -> str:
     verification = manifest.get("verification") or {}
     layers = verification.get("layers", [])
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>qcompile report</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>",
+        _HEAD,
         f"<h1>qcompile report</h1><p>qcompile {html.escape(manifest['qcompile_version'])}; "
         f"config <code>{html.escape(str(manifest['config']))}</code></p>",
     ]
@@ -41,6 +44,23 @@ def render(manifest: dict) -> str:
     parts.append(_table(["node", "op", "why"], [[s["node"], s["op_type"], s["reason"]] for s in plan["kept_float"]]))
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def render_qat(manifest: dict) -> str:
+    """The report of a `qcompile.qat.convert` artifact: learned quantizers and the check against PyTorch."""
+    check = manifest["verification_against_pytorch"]
+    tensors = manifest["plan"]["tensors"]
+    return "\n".join([
+        _HEAD,
+        f"<h1>qcompile QAT report</h1><p>qcompile {html.escape(manifest['qcompile_version'])}</p>",
+        "<h2>ONNX Runtime vs the PyTorch fake-quant model</h2>",
+        _table(["samples", "max |difference|", "one output step"],
+               [[check["samples"], check["max_abs_difference"], check["output_step_bound"]]]),
+        f"<h2>Learned quantizers ({len(tensors)})</h2>",
+        _table(["module", "dtype", "per channel", "scale"],
+               [[t["module"], t["dtype"], t["per_channel"], t["scale"]] for t in tensors]),
+        "</body></html>\n",
+    ])
 
 
 def _table(header: list[str], rows: list[list]) -> str:

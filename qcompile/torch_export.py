@@ -8,23 +8,30 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 
-def export_module(module: torch.nn.Module, example: dict[str, np.ndarray], path: Path, output_names: list[str],
-                  dynamic_axes: tuple[str, ...] = ("batch", "sequence")) -> Path:
-    """Export `module(**example)`; axis i of every input becomes the dynamic dim `dynamic_axes[i]`."""
+def to_onnx(module: torch.nn.Module, example: dict[str, np.ndarray | torch.Tensor], output_names: list[str],
+            dynamic_axes: tuple[str, ...] = ("batch", "sequence"), translations: dict | None = None) -> onnx.ModelProto:
+    """Export `module(*example.values())`; axis i of every input becomes the dynamic dim
+    `dynamic_axes[i]`. `translations` maps custom torch ops to ONNX functions."""
     names = list(example)
-    tensors = tuple(torch.from_numpy(example[name]) for name in names)
+    tensors = tuple(torch.as_tensor(example[name]) for name in names)
     dims = [torch.export.Dim(axis_name) for axis_name in dynamic_axes]
-    dynamic_shapes = {name: {axis: dims[axis] for axis in range(min(len(dims), example[name].ndim))} for name in names}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_shapes = tuple({axis: dims[axis] for axis in range(min(len(dims), t.dim()))} for t in tensors)
     # The exporter logs that torchvision ops are unavailable; we export no torchvision ops.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, tensors, input_names=names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes,
-                                    dynamo=True, verbose=False)
-    program.save(str(path))
+                                    dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False,
+                                    custom_translation_table=translations)
+    return program.model_proto
+
+
+def export_module(module: torch.nn.Module, example: dict[str, np.ndarray], path: Path, output_names: list[str],
+                  dynamic_axes: tuple[str, ...] = ("batch", "sequence")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(to_onnx(module, example, output_names, dynamic_axes), str(path))
     return path

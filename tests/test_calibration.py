@@ -56,7 +56,6 @@ def test_fixed_range_needs_no_statistics():
 
 def test_weight_params_are_per_output_channel(rng):
     weight = rng.normal(size=(16, 8)) * np.linspace(0.1, 10, 8)  # MatMul weight (K, N): channels on axis 1
-    spec = TensorSpec("w", "weight", "int8", 1, (("n", 1),), "test")
-    params = weight_params(spec, weight, "minmax")
+    params = weight_params(weight, 1, numerics.INT8_SYMMETRIC, "minmax")
     np.testing.assert_allclose(params.scale, np.abs(weight).max(axis=0) / 127, rtol=1e-6)
     assert params.zero_point.dtype == np.int8 and not params.zero_point.any()

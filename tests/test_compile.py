@@ -118,3 +118,15 @@ def test_float_graph_input_is_calibrated_directly(tmp_path):
     artifact = qcompile.compile(matmul_model(), qcompile.QuantConfig(), calib=[{"x": sample} for sample in x])
     assert {t["tensor"] for t in artifact.manifest["plan"]["tensors"]} == {"x", "w"}
     assert artifact.manifest["verification"]["outputs"]["y"]["sqnr_db"] > 30.0
+
+
+def test_int4_weights_use_a_seven_level_grid(tiny_bert):
+    config = qcompile.QuantConfig(weights="int4", acts="none")
+    artifact = qcompile.compile(tiny_bert["model"], config, calib=tiny_bert["calib"], verify_data=tiny_bert["eval"])
+    codes = [onnx.numpy_helper.to_array(i) for i in artifact.model.graph.initializer if i.name.endswith("_quantized")]
+    assert codes and all(c.dtype == np.int8 and np.abs(c).max() <= 7 for c in codes)
+    assert any(np.abs(c).max() == 7 for c in codes)
+    int4 = artifact.manifest["verification"]["outputs"]["sentence_embedding"]["sqnr_db"]
+    int8 = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(weights="int8", acts="none"), calib=tiny_bert["calib"],
+                            verify_data=tiny_bert["eval"]).manifest["verification"]["outputs"]["sentence_embedding"]["sqnr_db"]
+    assert 5.0 < int4 < int8 - 10.0  # about 6 dB per bit
