@@ -179,11 +179,14 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(self.quant_input(x), self.quant_weight(self.weight), self.bias)
 
 
-def prepare(model: nn.Module, config: QuantConfig, calib, options: QatOptions = QatOptions()) -> nn.Module:
+def prepare(model: nn.Module, config: QuantConfig, calib, options: QatOptions = QatOptions(),
+            inputs=None) -> nn.Module:
     """A copy of `model` with fake quantization whose scales start from `calib`.
 
-    calib: an iterable of model inputs (a tensor, or a tuple of positional tensors), e.g. a few
-    batches of training data.
+    calib: an iterable of batches, e.g. a few batches of a training DataLoader.
+    inputs: maps a batch to the model's input (a tensor, or a tuple of positional arguments);
+        default: the batch itself, or its first element when it is a tuple or list, so
+        (inputs, labels) batches work as they are.
     """
     if config.weights == "none" or config.acts != "int8":
         raise QCompileError(f"QAT quantizes weights and activations; got weights={config.weights}, acts={config.acts}")
@@ -192,10 +195,16 @@ def prepare(model: nn.Module, config: QuantConfig, calib, options: QatOptions = 
     quantizers = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
     if not quantizers:
         raise QCompileError("the model has no nn.Linear or qcompile.qat.MatMul to quantize")
-    _initialise(prepared, quantizers, calib, options.init)
+    _initialise(prepared, quantizers, (_model_input(b, inputs) for b in calib), options.init)
     for quantizer in quantizers:
         quantizer.scale.requires_grad_(options.learn_scales)
     return prepared
+
+
+def _model_input(batch, inputs):
+    if inputs is not None:
+        return inputs(batch)
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _swap_modules(module: nn.Module, weight_grid: IntGrid) -> None:
@@ -226,7 +235,7 @@ def _initialise(model: nn.Module, quantizers: list[FakeQuantize], calib, method:
     with torch.no_grad():
         batches = 0
         for batch in calib:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+            model(*batch) if isinstance(batch, tuple) else model(batch)
             batches += 1
     model.train(was_training)
     if batches == 0:

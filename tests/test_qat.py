@@ -56,6 +56,18 @@ def test_prepare_swaps_modules_and_starts_from_the_compilers_mse_solution(model_
     assert all(q.scale.requires_grad for q in quantizers)
 
 
+def test_calibration_batches_from_a_dataloader_or_a_custom_mapping(model_and_data):
+    model, data = model_and_data
+    reference = qcompile.qat.prepare(model, qcompile.QuantConfig(), data)
+    dataset = torch.utils.data.TensorDataset(torch.cat(data), torch.zeros(len(data) * 4, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)  # (inputs, labels) batches
+    from_loader = qcompile.qat.prepare(model, qcompile.QuantConfig(), loader)
+    from_dicts = qcompile.qat.prepare(model, qcompile.QuantConfig(), [{"x": x} for x in data], inputs=lambda b: b["x"])
+    for other in (from_loader, from_dicts):
+        for a, b in zip(reference.parameters(), other.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_mse_initialisation_starts_closer_than_lsq(model_and_data):
     model, data = model_and_data
     reference = model(data[0])
