@@ -32,6 +32,8 @@ from .config import QuantConfig
 from .errors import QCompileError
 from .numerics import UINT8, IntGrid
 from .plan import GRIDS, TensorSpec
+
+GRID_NAMES = {grid: name for name, grid in GRIDS.items()}
 from .runtime import make_session
 from .torch_export import to_onnx
 
@@ -136,7 +138,7 @@ class FakeQuantize(nn.Module):
 
     def export_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-tensor activation as ONNX QuantizeLinear -> DequantizeLinear."""
-        zero_point = self.zero_point.to(torch.from_numpy(np.zeros(0, self.grid.dtype)).dtype)
+        zero_point = self.zero_point.to(torch.uint8 if self.grid.qmin == 0 else torch.int8)
         return _fake_quant_op(x, self.scale.detach(), zero_point)
 
 
@@ -291,8 +293,9 @@ def convert(model: nn.Module, example_inputs: tuple, output: str | Path | None =
 def _output_step_bound(model: nn.Module) -> float:
     """How far one quantization step of the last layer's input can move the output: s * max_j sum_i |W_ji|."""
     last = [m for m in model.modules() if isinstance(m, QuantLinear)][-1]
-    weight = last.quant_weight.codes(last.weight.detach()) * last.quant_weight._broadcast(last.quant_weight.scale.detach(), last.weight)
-    return float(last.quant_input.scale.detach()) * float(weight.abs().sum(dim=1).max())
+    with torch.no_grad():
+        weight = last.quant_weight(last.weight)
+        return float(last.quant_input.scale) * float(weight.abs().sum(dim=1).max())
 
 
 def _plan_summary(model: nn.Module) -> dict:
@@ -301,7 +304,7 @@ def _plan_summary(model: nn.Module) -> dict:
         if isinstance(module, FakeQuantize):
             scale = module.scale.detach().numpy()
             tensors.append({
-                "module": name, "dtype": "uint8" if module.grid.qmin == 0 else f"int{int(math.log2(module.grid.qmax + 1)) + 1}",
+                "module": name, "dtype": GRID_NAMES[module.grid],
                 "per_channel": scale.ndim == 1,
                 "scale": float(scale) if scale.ndim == 0 else {"min": float(scale.min()), "max": float(scale.max())},
             })
