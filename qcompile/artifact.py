@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,25 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 512 << 20  # bytes of serialized model above which weights go to a side file
 
 
+@contextmanager
+def staged_directory(directory: str | Path, force: bool):
+    """Yield a temporary sibling folder to fill; on success it replaces `directory`, on failure it
+    is removed, so no half-written output is ever left."""
+    target = Path(directory)
+    if target.exists() and not force:
+        raise QCompileError(f"{target}: output directory exists (use --force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 @dataclass
 class Artifact:
     model: onnx.ModelProto
@@ -34,12 +54,7 @@ class Artifact:
 
     def save(self, directory: str | Path, force: bool = False,
              external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-        target = Path(directory)
-        if target.exists() and not force:
-            raise QCompileError(f"{target}: output directory exists (use --force to replace it)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with staged_directory(directory, force) as staging:
             model = self.model
             external = model.ByteSize() > external_data_threshold
             if external:  # onnx moves the weights out of the proto it saves: keep ours whole
@@ -49,13 +64,7 @@ class Artifact:
                             all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE, size_threshold=1024)
             (staging / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
             (staging / REPORT_FILE).write_text(self.report_html)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Artifact":

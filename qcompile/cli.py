@@ -66,6 +66,26 @@ def run(artifact, inputs, outputs):
 
 
 @cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Sample data: an .npz file or a folder of them.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report directory to write.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+def analyze(model, calib, output, force):
+    """Outlier report for MODEL: per-tensor max |x|, kurtosis and share beyond 6 std."""
+    from .analyze import analyze as analyze_model, write_report
+
+    if output.exists() and not force:
+        raise QCompileError(f"{output}: output directory exists (use --force to replace it)")
+    analysis = analyze_model(model, calib)
+    write_report(analysis, output, force=force)
+    click.echo(f"wrote {output}/report.html; largest max |x| / std:")
+    worst = sorted(analysis.tensors, key=lambda t: -(t.max_abs / t.std if t.std else 0.0))[:5]
+    click.echo(f"  {'tensor':<32} {'op':<20} {'max |x|':>9} {'std':>9} {'kurtosis':>9}")
+    for t in worst:
+        click.echo(f"  {t.tensor[:32]:<32} {t.op_type:<20} {t.max_abs:>9.3g} {t.std:>9.3g} {t.kurtosis:>9.3g}")
+
+
+@cli.command()
 @click.argument("name")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .onnx file to write.")
 @click.option("--calib-out", type=click.Path(path_type=Path), help="Also write calibration samples (.npz).")

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 matplotlib.rcParams["svg.hashsalt"] = "qcompile"
 
 
-_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>qcompile report</title>"
+HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>qcompile report</title>"
          "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>")
 
@@ -22,26 +22,26 @@ def render(manifest: dict) -> str:
     verification = manifest.get("verification") or {}
     layers = verification.get("layers", [])
     parts = [
-        _HEAD,
+        HTML_HEAD,
         f"<h1>qcompile report</h1><p>qcompile {html.escape(manifest['qcompile_version'])}; "
         f"config <code>{html.escape(str(manifest['config']))}</code></p>",
     ]
     if verification:
         parts.append(f"<h2>Verification on {verification['samples']} held-out samples</h2>")
-        parts.append(_table(["output", "SQNR (dB)", "mean cosine"],
+        parts.append(table(["output", "SQNR (dB)", "mean cosine"],
                             [[n, v["sqnr_db"], v["cosine"]] for n, v in verification["outputs"].items()]))
     if layers:
         parts.append("<h2>Per-layer output SQNR</h2>")
         parts.append(_sqnr_plot(layers))
-        parts.append(_table(["node", "op", "output", "SQNR (dB)"],
+        parts.append(table(["node", "op", "output", "SQNR (dB)"],
                             [[l["node"], l["op_type"], l["tensor"], l["sqnr_db"]] for l in layers]))
     plan = manifest["plan"]
     parts.append(f"<h2>Quantized tensors ({len(plan['tensors'])})</h2>")
-    parts.append(_table(["tensor", "kind", "dtype", "axis", "scale", "zero point", "why"],
+    parts.append(table(["tensor", "kind", "dtype", "axis", "scale", "zero point", "why"],
                         [[t["tensor"], t["kind"], t["dtype"], t["axis"], t["scale"], t["zero_point"], t["reason"]]
                          for t in plan["tensors"]]))
     parts.append(f"<h2>Kept in float ({len(plan['kept_float'])})</h2>")
-    parts.append(_table(["node", "op", "why"], [[s["node"], s["op_type"], s["reason"]] for s in plan["kept_float"]]))
+    parts.append(table(["node", "op", "why"], [[s["node"], s["op_type"], s["reason"]] for s in plan["kept_float"]]))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -51,19 +51,19 @@ def render_qat(manifest: dict) -> str:
     check = manifest["verification_against_pytorch"]
     tensors = manifest["plan"]["tensors"]
     return "\n".join([
-        _HEAD,
+        HTML_HEAD,
         f"<h1>qcompile QAT report</h1><p>qcompile {html.escape(manifest['qcompile_version'])}</p>",
         "<h2>ONNX Runtime vs the PyTorch fake-quant model</h2>",
-        _table(["samples", "max |difference|", "one output step"],
+        table(["samples", "max |difference|", "one output step"],
                [[check["samples"], check["max_abs_difference"], check["output_step_bound"]]]),
         f"<h2>Learned quantizers ({len(tensors)})</h2>",
-        _table(["module", "dtype", "per channel", "scale"],
+        table(["module", "dtype", "per channel", "scale"],
                [[t["module"], t["dtype"], t["per_channel"], t["scale"]] for t in tensors]),
         "</body></html>\n",
     ])
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -80,8 +80,13 @@ def _sqnr_plot(layers: list[dict]) -> str:
     axes.set_ylabel("output SQNR (dB)")
     axes.set_title("Per-layer output SQNR, quantized vs float")
     figure.tight_layout()
+    return svg(figure)
+
+
+def svg(figure) -> str:
+    """The figure as inline SVG, closed afterwards; no date, so the bytes are reproducible."""
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(figure)
-    svg = buffer.getvalue()
-    return svg[svg.index("<svg"):]
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
