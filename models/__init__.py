@@ -38,12 +38,46 @@ def _tiny_bert():
     return tiny_bert()
 
 
+def _digit_samples(split: str, count: int) -> dict[str, np.ndarray]:
+    """MNIST digits, shuffled once (the file is sorted by label): calibration from the front, evaluation from the back."""
+    from .vit import mnist_5k
+
+    images, _ = mnist_5k()
+    images = images[np.random.default_rng(0).permutation(len(images))]
+    return {"images": images[:count] if split == "calib" else images[-count:]}
+
+
+def _attention_variant(family: str, kind: str):
+    def build():
+        import torch
+
+        from .transformer import AttentionConfig, Decoder, Encoder
+        from .vit import ViT
+
+        torch.manual_seed(0)
+        config = AttentionConfig(kind=kind)
+        if family == "vit":
+            return ViT(attention=config).eval()
+        model = Encoder if family == "encoder" else Decoder
+        return model(vocab=30522, attention=config).eval()
+
+    return build
+
+
+_FAMILIES = {"encoder": ("BERT-style encoder", _sentence_samples, ("logits",)),
+             "decoder": ("OPT-style causal decoder", _sentence_samples, ("logits",)),
+             "vit": ("ViT for 28x28 digits", _digit_samples, ("logits",))}
+
 ZOO = {
     "all-minilm-l6-v2": ZooModel("all-minilm-l6-v2", "pre-trained sentence encoder (22.7M params, BERT, 6 layers)",
                                  _minilm, _sentence_samples, ("sentence_embedding",)),
     "tiny-bert": ZooModel("tiny-bert", "randomly initialised 2-layer BERT sentence encoder for tests",
                           _tiny_bert, _sentence_samples, ("sentence_embedding",)),
 }
+for _family, (_what, _samples, _outputs) in _FAMILIES.items():
+    for _kind in ("vanilla", "clipped", "gated"):
+        ZOO[f"tiny-{_family}-{_kind}"] = ZooModel(f"tiny-{_family}-{_kind}", f"randomly initialised {_what}, {_kind} attention",
+                                                  _attention_variant(_family, _kind), _samples, _outputs)
 
 
 def get(name: str) -> ZooModel:
@@ -57,8 +91,9 @@ def export(name: str, path: str | Path) -> Path:
     from qcompile.torch_export import export_module
 
     model = get(name)
-    example = {key: value[:2] for key, value in model.samples("calib", 2).items()}
-    return export_module(model.build(), example, Path(path), list(model.outputs))
+    example = model.samples("calib", 2)
+    axes = ("batch",) if "images" in example else ("batch", "sequence")
+    return export_module(model.build(), example, Path(path), list(model.outputs), axes)
 
 
 def write_samples(name: str, split: str, count: int, path: str | Path) -> Path:

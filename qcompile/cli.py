@@ -87,15 +87,21 @@ def analyze(model, calib, output, force):
 
 @cli.command()
 @click.argument("name")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .onnx file to write.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="The .onnx file to write.")
 @click.option("--calib-out", type=click.Path(path_type=Path), help="Also write calibration samples (.npz).")
 @click.option("--eval-out", type=click.Path(path_type=Path), help="Also write held-out evaluation samples (.npz).")
 @click.option("--calib-samples", type=int, default=256, show_default=True)
 @click.option("--eval-samples", type=int, default=128, show_default=True)
 def export(name, output, calib_out, eval_out, calib_samples, eval_samples):
-    """Export zoo model NAME from PyTorch to ONNX (names: all-minilm-l6-v2, tiny-bert)."""
+    """Export zoo model NAME from PyTorch to ONNX (`qcompile export list` names them)."""
     from qcompile import models
 
+    if name == "list":
+        for entry in models.ZOO.values():
+            click.echo(f"{entry.name:<24} {entry.description}")
+        return
+    if output is None:
+        raise QCompileError("give the .onnx file to write with -o")
     models.get(name)
     models.export(name, output)
     click.echo(f"exported {name} to {output}")
