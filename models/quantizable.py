@@ -99,12 +99,14 @@ class SelfAttention(nn.Module):
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         scores = self.scores(q * self.scale, k.transpose(-2, -1))
-        blocked = torch.zeros(batch, 1, tokens, tokens, dtype=torch.bool, device=x.device)
+        blocked = None  # only mask when there is something to mask: an all-false mask still costs a node
         if padding_mask is not None:
-            blocked = blocked | (padding_mask[:, None, None, :] == 0)
+            blocked = (padding_mask[:, None, None, :] == 0)
         if self.causal:
-            blocked = blocked | torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
-        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+            future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+            blocked = future if blocked is None else blocked | future
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
         context = self.context(self.softmax(scores), v)  # (batch, heads, tokens, head dim)
         if self.gate is not None:
             context = context * self.gate(x).transpose(1, 2).unsqueeze(-1)

@@ -1,7 +1,8 @@
 """Graph passes, one per module. Each rewrites one pattern and says what it changed."""
 from .dequantize_after_gather import DequantizeAfterGather
+from .fold_clipped_softmax import FoldClippedSoftmax
 from .insert_qdq import InsertQDQ
 from .normalize_graph import NormalizeGraph
 from .plan_w8a8 import PlanW8A8
 
-__all__ = ["DequantizeAfterGather", "InsertQDQ", "NormalizeGraph", "PlanW8A8"]
+__all__ = ["DequantizeAfterGather", "FoldClippedSoftmax", "InsertQDQ", "NormalizeGraph", "PlanW8A8"]

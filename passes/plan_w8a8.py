@@ -6,6 +6,7 @@ Pattern -> plan (the graph is not changed):
     their float activation input(s)                     ->  activation: uint8, per tensor, calibrated
     MatMul of two activations (attention Q.K^T, P.V)    ->  both inputs (if quantize_attention)
     ... whose input is a Softmax output                 ->  uint8 with the fixed range [0, 1]
+    ... or the output of a Clip with constant bounds    ->  uint8 with those bounds (clipped softmax: [0, 1])
     Add of two activations of one shape (residual)      ->  both inputs (if quantize_residual_adds)
 Every other compute node stays in float and is listed, with the reason, in plan.skipped.
 """
@@ -77,7 +78,19 @@ def _activation(tensor: gs.Tensor, node: gs.Node, index: int, reason: str) -> Te
     if producer is not None and producer.op == "Softmax":
         return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),), "softmax output",
                           fixed_range=SOFTMAX_RANGE)
+    if producer is not None and producer.op == "Clip" and _constant_bounds(producer):
+        low, high = _constant_bounds(producer)
+        return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),),
+                          f"Clip output, range [{low:g}, {high:g}] known", fixed_range=(low, high))
     return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),), reason)
+
+
+def _constant_bounds(clip: gs.Node) -> tuple[float, float] | None:
+    """A Clip's (min, max) when both are constants (clipped softmax: (0, 1))."""
+    bounds = clip.inputs[1:3]
+    if len(bounds) != 2 or not all(isinstance(b, gs.Constant) and b.values.size == 1 for b in bounds):
+        return None
+    return float(bounds[0].values.ravel()[0]), float(bounds[1].values.ravel()[0])
 
 
 def _channel_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:

@@ -30,7 +30,9 @@ def cli() -> None:
 @click.option("--no-attention", is_flag=True, help="Keep attention's activation x activation MatMuls in float.")
 @click.option("--no-residual", is_flag=True, help="Keep residual Adds in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-def compile(model, calib, verify_data, output, weights, acts, calib_method, percentile, no_attention, no_residual, force):
+@click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
+def compile(model, calib, verify_data, output, weights, acts, calib_method, percentile, no_attention, no_residual, force,
+            explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .compiler import compile as compile_model
 
@@ -40,6 +42,9 @@ def compile(model, calib, verify_data, output, weights, acts, calib_method, perc
                          quantize_attention=not no_attention, quantize_residual_adds=not no_residual)
     artifact = compile_model(model, config, calib=calib, verify_data=verify_data)
     artifact.save(output, force=force)
+    if explain:
+        for note in artifact.manifest["explain"]:
+            click.echo(f"{note['pass']}: {note['node']}: {note['note']}")
     _print_summary(artifact.manifest, output)
 
 

@@ -20,7 +20,7 @@ from .pipeline import CompileContext, Pipeline
 from .plan import QuantPlan
 from .runtime import DETERMINISTIC_THREADS
 from .verify import verify
-from .passes import DequantizeAfterGather, InsertQDQ, NormalizeGraph, PlanW8A8
+from .passes import DequantizeAfterGather, FoldClippedSoftmax, InsertQDQ, NormalizeGraph, PlanW8A8
 
 
 def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
@@ -35,7 +35,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     float_model = load_model(model)
     inputs = model_input_specs(float_model)
     context = CompileContext.from_model(float_model, config)
-    records = Pipeline([NormalizeGraph(), PlanW8A8()]).run(context)
+    records = Pipeline([NormalizeGraph(), FoldClippedSoftmax(), PlanW8A8()]).run(context)
     reference = context.model  # the float model with normalised names: calibration target
     plan = context.plan
 
@@ -75,6 +75,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         "source_model_sha256": hashlib.sha256(float_model.SerializeToString(deterministic=True)).hexdigest(),
         "config": config.to_dict(),
         "passes": [{"name": r.name, "changed": r.changed, "summary": r.summary} for r in records],
+        "explain": context.notes,
         "plan": _plan_summary(plan),
         "verification": verification,
         "custom_op_library": None,

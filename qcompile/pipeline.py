@@ -22,6 +22,10 @@ class CompileContext:
     source: onnx.ModelProto  # the float model as given, for metadata
     config: QuantConfig
     plan: QuantPlan = field(default_factory=QuantPlan)
+    notes: list[dict] = field(default_factory=list)  # what passes found, or why a pattern did not match
+
+    def note(self, pass_name: str, node: str, message: str) -> None:
+        self.notes.append({"pass": pass_name, "node": node, "note": message})
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, config: QuantConfig) -> "CompileContext":
