@@ -2,7 +2,8 @@
 from .dequantize_after_gather import DequantizeAfterGather
 from .fold_clipped_softmax import FoldClippedSoftmax
 from .insert_qdq import InsertQDQ
+from .merge_gate_projection import MergeGateProjection
 from .normalize_graph import NormalizeGraph
 from .plan_w8a8 import PlanW8A8
 
-__all__ = ["DequantizeAfterGather", "FoldClippedSoftmax", "InsertQDQ", "NormalizeGraph", "PlanW8A8"]
+__all__ = ["DequantizeAfterGather", "FoldClippedSoftmax", "InsertQDQ", "MergeGateProjection", "NormalizeGraph", "PlanW8A8"]

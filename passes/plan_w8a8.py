@@ -5,7 +5,7 @@ Pattern -> plan (the graph is not changed):
     Gather from a constant float table (embedding)     ->  weight: the same, per last-axis channel
     their float activation input(s)                     ->  activation: uint8, per tensor, calibrated
     MatMul of two activations (attention Q.K^T, P.V)    ->  both inputs (if quantize_attention)
-    ... whose input is a Softmax output                 ->  uint8 with the fixed range [0, 1]
+    ... whose input is a Softmax or Sigmoid output      ->  uint8 with the fixed range [0, 1]
     ... or the output of a Clip with constant bounds    ->  uint8 with those bounds (clipped softmax: [0, 1])
     Add of two activations of one shape (residual)      ->  both inputs (if quantize_residual_adds)
 Every other compute node stays in float and is listed, with the reason, in plan.skipped.
@@ -24,7 +24,8 @@ DATA_MOVEMENT_OPS = {
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "GatherND",
     "GatherElements", "Shape", "Expand", "Cast", "Range", "Identity", "Split", "Constant", "ConstantOfShape",
 }
-SOFTMAX_RANGE = (0.0, 1.0)
+PROBABILITY_OPS = ("Softmax", "Sigmoid")  # outputs in [0, 1] whatever the input: no calibration needed
+PROBABILITY_RANGE = (0.0, 1.0)
 
 
 class PlanW8A8:
@@ -75,9 +76,9 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, weight_dtype: str, acts: bool, 
 
 def _activation(tensor: gs.Tensor, node: gs.Node, index: int, reason: str) -> TensorSpec:
     producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is not None and producer.op == "Softmax":
-        return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),), "softmax output",
-                          fixed_range=SOFTMAX_RANGE)
+    if producer is not None and producer.op in PROBABILITY_OPS:
+        return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),),
+                          f"{producer.op.lower()} output", fixed_range=PROBABILITY_RANGE)
     if producer is not None and producer.op == "Clip" and _constant_bounds(producer):
         low, high = _constant_bounds(producer)
         return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),),

@@ -20,7 +20,7 @@ from .pipeline import CompileContext, Pipeline
 from .plan import QuantPlan
 from .runtime import DETERMINISTIC_THREADS
 from .verify import verify
-from .passes import DequantizeAfterGather, FoldClippedSoftmax, InsertQDQ, NormalizeGraph, PlanW8A8
+from .passes import DequantizeAfterGather, FoldClippedSoftmax, InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8
 
 
 def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
@@ -35,7 +35,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     float_model = load_model(model)
     inputs = model_input_specs(float_model)
     context = CompileContext.from_model(float_model, config)
-    records = Pipeline([NormalizeGraph(), FoldClippedSoftmax(), PlanW8A8()]).run(context)
+    records = Pipeline([NormalizeGraph(), FoldClippedSoftmax(), MergeGateProjection(), PlanW8A8()]).run(context)
     reference = context.model  # the float model with normalised names: calibration target
     plan = context.plan
 

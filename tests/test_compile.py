@@ -38,7 +38,8 @@ def test_artifact_layout_and_manifest(compiled):
     assert manifest["qcompile_version"] == qcompile.__version__
     assert qcompile.QuantConfig.from_dict(manifest["config"]) == qcompile.QuantConfig()
     assert manifest["custom_op_library"] is None
-    assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "fold-clipped-softmax", "plan-w8a8", "insert-qdq",
+    assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "fold-clipped-softmax", "merge-gate-projection",
+                                                        "plan-w8a8", "insert-qdq",
                                                         "dequantize-after-gather"]
     kinds = Counter(t["kind"] for t in manifest["plan"]["tensors"])
     assert kinds["weight"] == 15  # 2 layers x (Q, K, V, attention output, FFN in, FFN out) + 3 embedding tables
