@@ -68,7 +68,7 @@ def test_a_plain_softmax_says_why_it_was_not_folded(tmp_path):
     assert {n["note"] for n in context.notes} == {"plain softmax: its output feeds MatMul, not a single Mul"}
 
 
-@pytest.mark.parametrize("name", ["tiny-vit-clipped", "tiny-encoder-clipped"])
+@pytest.mark.parametrize("name", ["tiny-vit-clipped", "tiny-encoder-clipped", "tiny-decoder-clipped"])
 def test_clipped_models_compile_w8a8_with_uncalibrated_probabilities(name, tmp_path):
     path = models.export(name, tmp_path / "model.onnx")
     calib = models.write_samples(name, "calib", 8, tmp_path / "calib.npz")
@@ -76,8 +76,8 @@ def test_clipped_models_compile_w8a8_with_uncalibrated_probabilities(name, tmp_p
     notes = [n["note"] for n in artifact.manifest["explain"] if n["pass"] == "fold-clipped-softmax"]
     blocks = len(models.get(name).build().blocks)
     assert len(notes) == blocks and all(n.startswith("clipped softmax (already one Clip") for n in notes)
-    # The encoder's sequence length is dynamic, so gamma = -alpha/T stays a run-time computation.
-    assert all(("run time" in n) == (name == "tiny-encoder-clipped") for n in notes)
+    # Text models have a dynamic sequence length, so gamma = -alpha/T stays a run-time computation.
+    assert all(("run time" in n) == (name != "tiny-vit-clipped") for n in notes)
     probabilities = [t for t in artifact.manifest["plan"]["tensors"] if t["reason"] == "Clip output, range [0, 1] known"]
     assert len(probabilities) == blocks
     assert all(t["scale"] == pytest.approx(1 / 255) and t["zero_point"] == 0 for t in probabilities)
