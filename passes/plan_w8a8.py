@@ -35,9 +35,9 @@ class PlanW8A8:
         config, plan = context.config, QuantPlan()
         for node in context.graph.nodes:
             if node.op in LINEAR_OPS:
-                _plan_linear(node, plan, config.weights, config.acts != "none", config.quantize_attention)
-            elif node.op == "Gather" and config.weights != "none" and _is_table(node.inputs[0]):
-                plan.add(TensorSpec(node.inputs[0].name, "weight", config.weights, _table_axis(node), ((node.name, 0),),
+                _plan_linear(node, plan, config.qdq_weights, config.acts != "none", config.quantize_attention)
+            elif node.op == "Gather" and config.qdq_weights != "none" and _is_table(node.inputs[0]):
+                plan.add(TensorSpec(node.inputs[0].name, "weight", config.qdq_weights, _table_axis(node), ((node.name, 0),),
                                     "Gather table (embedding)"))
             elif node.op == "Add" and config.acts != "none" and config.quantize_residual_adds and _is_residual(node):
                 for index, tensor in enumerate(node.inputs):

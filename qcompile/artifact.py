@@ -48,9 +48,11 @@ class Artifact:
     manifest: dict
     report_html: str
 
-    def session(self, threads: int | None = None) -> ort.InferenceSession:
-        """An ONNX Runtime session for this artifact (custom-op library registered if it needs one)."""
-        return make_session(self.model, threads=threads or 0)
+    def session(self, threads: int | None = None, use_library: bool | None = None) -> ort.InferenceSession:
+        """An ONNX Runtime session for this artifact. Lookup-table weights run on qcompile's custom-op
+        library when it is built (use_library=True insists on it); use_library=False runs the standard-op
+        fallback functions the model carries, as a stock ONNX Runtime would."""
+        return make_session(self.model, threads=threads or 0, use_library=use_library)
 
     def save(self, directory: str | Path, force: bool = False,
              external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:

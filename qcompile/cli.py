@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, WEIGHT_FORMATS, QuantConfig
+from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, EXECUTOR_NAMES, SELECTIONS, QuantConfig
 from .errors import QCompileError
 
 
@@ -23,7 +23,20 @@ def cli() -> None:
 @click.option("--verify-data", type=click.Path(path_type=Path),
               help="Held-out samples for verification (default: hold out part of --calib).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Artifact directory to write.")
-@click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default="int8", show_default=True)
+@click.option("--weights", default="int8", show_default=True,
+              help="int8 | int4 (QDQ; int4 with --acts none or --block, and int2..int7: packed affine lookup-table "
+                   "weights) | nl | nlB (PTNQ non-linear B-bit) | none.")
+@click.option("--bits", help="Code width for --weights nl: B, or LOW-HIGH to search widths (with --target-sqnr).")
+@click.option("--block", type=int, help="Affine lookup-table weights: one table per block of this many inputs.")
+@click.option("--target-sqnr", type=float, help="Bit-width search: keep the lowest width reaching this output SQNR (dB).")
+@click.option("--functions", help="Comma-separated PTNQ pool functions to search (default: the whole pool).")
+@click.option("--function-depth", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="PTNQ pool depth: 1 adds compositions f(g(x)).")
+@click.option("--select", type=click.Choice(SELECTIONS), default="layer", show_default=True,
+              help="Choose the PTNQ function per layer or per model.")
+@click.option("--executor", type=click.Choice(EXECUTOR_NAMES), default="local", show_default=True,
+              help="Where PTNQ fitting runs (ray: a Ray cluster; RAY_ADDRESS or a local one).")
+@click.option("--workers", type=int, help="Processes for --executor local (default: all cores).")
 @click.option("--acts", type=click.Choice(ACTIVATION_FORMATS), default="int8", show_default=True)
 @click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default="mse", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calib-method percentile.")
@@ -31,21 +44,60 @@ def cli() -> None:
 @click.option("--no-residual", is_flag=True, help="Keep residual Adds in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
-def compile(model, calib, verify_data, output, weights, acts, calib_method, percentile, no_attention, no_residual, force,
-            explain):
+def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr, functions, function_depth, select,
+            executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .compiler import compile as compile_model
 
     if output.exists() and not force:  # fail before the slow part
         raise QCompileError(f"{output}: output directory exists (use --force to replace it)")
+    weights, bit_range = _weight_format(weights, bits, block, acts)
     config = QuantConfig(weights=weights, acts=acts, calib_method=calib_method, percentile=percentile,
-                         quantize_attention=not no_attention, quantize_residual_adds=not no_residual)
+                         quantize_attention=not no_attention, quantize_residual_adds=not no_residual, bits=bit_range,
+                         block=block, target_sqnr=target_sqnr, function_depth=function_depth,
+                         functions=tuple(functions.split(",")) if functions else None, select=select,
+                         executor=executor, workers=workers)
     artifact = compile_model(model, config, calib=calib, verify_data=verify_data)
     artifact.save(output, force=force)
     if explain:
         for note in artifact.manifest["explain"]:
             click.echo(f"{note['pass']}: {note['node']}: {note['note']}")
     _print_summary(artifact.manifest, output)
+
+
+def _weight_format(text: str, bits: str | None, block: int | None, acts: str) -> tuple[str, tuple[int, int]]:
+    """--weights and --bits -> (QuantConfig.weights, bits)."""
+    bit_range = _bit_range(bits) if bits else None
+    if text in ("int8", "int4", "none") and block is None and (text != "int4" or acts != "none"):
+        if bits:
+            raise QCompileError(f"--bits applies to lookup-table weights (nl, int2..int7), not --weights {text}")
+        return text, (4, 4)
+    for prefix, kind in (("nl", "nl"), ("int", "affine")):
+        if text.startswith(prefix) and (text == prefix == "nl" or text[len(prefix):].isdigit()):
+            if text == "nl":
+                return "nl", bit_range or (4, 4)
+            width = int(text[len(prefix):])
+            if bit_range not in (None, (width, width)):
+                raise QCompileError(f"--weights {text} already sets {width} bits; --bits {bits} disagrees")
+            return kind, (width, width)
+    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB or none (B = 2..8); got {text!r}")
+
+
+def _bit_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    if not low.isdigit() or (high and not high.isdigit()):
+        raise QCompileError(f"--bits must be B or LOW-HIGH, like 4 or 4-8; got {text!r}")
+    return int(low), int(high or low)
+
+
+@cli.command("build-ops")
+@click.option("--include", type=click.Path(path_type=Path),
+              help="ONNX Runtime's C/C++ include folder (default: $QCOMPILE_ORT_INCLUDE, else Debian's headers).")
+def build_ops(include):
+    """Build qcompile's ONNX Runtime custom-op library from csrc/."""
+    from . import ops
+
+    click.echo(f"built {ops.build_library(include)}")
 
 
 @cli.command()
@@ -121,8 +173,15 @@ def export(name, output, calib_out, eval_out, calib_samples, eval_samples):
 def _print_summary(manifest: dict, output: Path) -> None:
     plan = manifest["plan"]
     counts = {kind: sum(t["kind"] == kind for t in plan["tensors"]) for kind in ("weight", "activation")}
+    counts["weight"] += len((manifest["lut_weights"] or {}).get("layers", []))
     click.echo(f"wrote {output}: {counts['weight']} weights and {counts['activation']} activations quantized, "
                f"{len(plan['kept_float'])} nodes kept in float")
+    lut_weights = manifest["lut_weights"]
+    if lut_weights:
+        used = sorted({layer["function"] or "affine" for layer in lut_weights["layers"]})
+        sqnr = "" if lut_weights["sqnr_db"] is None else f"; output SQNR on calibration data {lut_weights['sqnr_db']:.2f} dB"
+        click.echo(f"  {len(lut_weights['layers'])} weights as packed {lut_weights['bits']}-bit lookup tables "
+                   f"({', '.join(used)}){sqnr}")
     verification = manifest["verification"]
     if verification:
         click.echo(f"verification on {verification['samples']} held-out samples:")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, calibration, report
+from . import __version__, calibration, lut, lut_search, report
 from .artifact import Artifact
 from .config import QuantConfig
 from .data import batched, iterate_feeds, model_input_specs, split_holdout
@@ -20,7 +21,11 @@ from .pipeline import CompileContext, Pipeline
 from .plan import QuantPlan
 from .runtime import DETERMINISTIC_THREADS
 from .verify import verify
-from .passes import DequantizeAfterGather, FoldClippedSoftmax, InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8
+from .passes import (DequantizeAfterGather, FoldClippedSoftmax, InsertLutWeights, InsertQDQ, MergeGateProjection,
+                     NormalizeGraph, PlanW8A8)
+from .passes.insert_lut_weights import find_lut_weights
+
+PROBE_SAMPLES = 32  # calibration samples on which lookup-table candidates are scored end to end
 
 
 def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
@@ -64,12 +69,15 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     for spec in plan.of_kind("activation"):
         plan.params[spec.tensor] = calibration.activation_params(
             spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
-    records += Pipeline([InsertQDQ(), DequantizeAfterGather()]).run(context)
+    lut_summary, lut_nodes = None, set()
+    if config.lut_weights:
+        lut_summary, lut_nodes = _choose_lut_weights(context, reference, inputs, calib, calib_feeds)
+    records += Pipeline([InsertQDQ(), InsertLutWeights(), DequantizeAfterGather()]).run(context)
     quantized = context.model
 
     verification = None
     if verify_feeds:
-        verification = verify(reference, quantized, verify_feeds, _quantized_layers(plan, reference)).to_dict()
+        verification = verify(reference, quantized, verify_feeds, _quantized_layers(plan, reference, lut_nodes)).to_dict()
     manifest = {
         "qcompile_version": __version__,
         "source_model_sha256": hashlib.sha256(float_model.SerializeToString(deterministic=True)).hexdigest(),
@@ -77,15 +85,44 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         "passes": [{"name": r.name, "changed": r.changed, "summary": r.summary} for r in records],
         "explain": context.notes,
         "plan": _plan_summary(plan),
+        "lut_weights": lut_summary,
         "verification": verification,
-        "custom_op_library": None,
+        "custom_op_library": lut.DOMAIN if config.lut_weights else None,
     }
     return Artifact(quantized, manifest, report.render(manifest))
 
 
-def _quantized_layers(plan: QuantPlan, model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+def _choose_lut_weights(context: CompileContext, reference: onnx.ModelProto, inputs, calib, calib_feeds):
+    """Fit and choose every lookup-table weight quantizer (context.lut); the manifest's summary of it."""
+    config = context.config
+    weights = find_lut_weights(context.graph)
+    if not weights:
+        raise QCompileError("--weights nl/affine: the model has no constant MatMul, Gemm, Conv or Gather weight")
+    probe = None
+    if calib is not None:
+        source = calib_feeds if isinstance(calib_feeds, list) else iterate_feeds(calib, inputs)
+        feeds = list(batched(itertools.islice(source, PROBE_SAMPLES), inputs, config.calib_batch_size))
+        probe = lut_search.SqnrProbe(reference, {w.tensor: w.to_original(w.rows) for w in weights}, feeds)
+    elif config.target_sqnr is not None:
+        raise QCompileError("--target-sqnr is measured on calibration data: give --calib")
+    choice, tried = lut_search.choose(weights, config, probe)
+    context.lut = choice.quantizers
+    quantized_nodes = {w.node for w in weights}
+    context.plan.skipped = [s for s in context.plan.skipped if s.node not in quantized_nodes]
+    layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
+               "k": int(w.rows.shape[1]), "bits": choice.bits, "function": choice.quantizers[w.tensor].function,
+               "blocks": int(choice.quantizers[w.tensor].table.shape[1]),
+               "mse": lut_search.Encoded.of(w, choice.quantizers[w.tensor]).mse} for w in weights]
+    summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db,
+               "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
+               "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function} for c in tried],
+               "layers": layers}
+    return summary, quantized_nodes
+
+
+def _quantized_layers(plan: QuantPlan, model: onnx.ModelProto, extra_nodes=frozenset()) -> list[tuple[str, str, str]]:
     """(node, op, first output) of each node that reads a quantized tensor, in graph order."""
-    consumers = {name for spec in plan.specs.values() for name, _ in spec.consumers}
+    consumers = {name for spec in plan.specs.values() for name, _ in spec.consumers} | set(extra_nodes)
     return [(n.name, n.op_type, n.output[0]) for n in model.graph.node if n.name in consumers]
 
 

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from .errors import QCompileError
 
-WEIGHT_FORMATS = ("int8", "int4", "none")
+WEIGHT_FORMATS = ("int8", "int4", "none", "nl", "affine")
+LUT_WEIGHT_FORMATS = ("nl", "affine")  # packed codes read through lookup tables (qcompile custom ops)
+LUT_BITS = range(2, 9)
+SELECTIONS = ("layer", "model")
+EXECUTOR_NAMES = ("local", "serial", "ray")
 ACTIVATION_FORMATS = ("int8", "none")
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
 
@@ -17,7 +21,19 @@ class QuantConfig:
     """What to quantize and how.
 
     weights: "int8" = symmetric int8 (-127..127), per output channel; "int4" = symmetric -7..7, per
-        output channel, codes stored one per byte (int8 tensors); "none" = keep float.
+        output channel, codes stored one per byte (int8 tensors); "none" = keep float. These three
+        are QDQ formats. Lookup-table formats (packed codes, qcompile's custom ops): "nl" = PTNQ
+        non-linear functions (seed 003), "affine" = MSE-optimal asymmetric affine, per output
+        channel or per block of `block` columns.
+    bits: (lowest, highest) code width for "nl" / "affine"; with a range, "nl" searches from the
+        highest down and keeps the lowest width whose output SQNR reaches `target_sqnr`.
+    block: affine block size along the input dimension (None: per output channel).
+    target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
+    function_depth: PTNQ pool depth: 0 = the primitives, 1 = also their compositions f(g(x)).
+    functions: search only these pool functions (names as in qcompile.functions; None: the whole pool).
+    select: choose the PTNQ function per "model" (seed 003) or per "layer" (greedy, from the best
+        per-model choice, kept only where the output SQNR improves).
+    executor, workers: where PTNQ fitting tasks run ("local" process pool, "serial", or "ray").
     acts: "int8" = 8-bit activations, per tensor (stored as asymmetric uint8, the grid
         ONNX Runtime's fastest x86 integer kernels take); "none" = keep float.
     calib_method: how activation ranges are chosen: "mse" (seed 004's alternating solver),
@@ -38,6 +54,14 @@ class QuantConfig:
     quantize_residual_adds: bool = True
     calib_batch_size: int = 16
     verify_fraction: float = 0.2
+    bits: tuple[int, int] = (4, 4)
+    block: int | None = None
+    target_sqnr: float | None = None
+    function_depth: int = 0
+    functions: tuple[str, ...] | None = None
+    select: str = "layer"
+    executor: str = "local"
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("weights", self.weights, WEIGHT_FORMATS)
@@ -49,6 +73,38 @@ class QuantConfig:
             raise QCompileError(f"calib_batch_size must be >= 1, got {self.calib_batch_size}")
         if not 0.0 <= self.verify_fraction < 1.0:
             raise QCompileError(f"verify_fraction must be in [0, 1), got {self.verify_fraction}")
+        object.__setattr__(self, "bits", tuple(self.bits))
+        low, high = self.bits
+        if low not in LUT_BITS or high not in LUT_BITS or low > high:
+            raise QCompileError(f"bits must be a range within 2..8 (like 4 or 4-8), got {low}-{high}")
+        if self.weights == "affine" and low != high:
+            raise QCompileError("a bit-width search (--bits LOW-HIGH) needs --weights nl")
+        if self.target_sqnr is not None and (self.weights != "nl" or low == high):
+            raise QCompileError("--target-sqnr drives the bit-width search: it needs --weights nl and --bits LOW-HIGH")
+        if self.block is not None and (self.weights != "affine" or self.block < 1):
+            raise QCompileError(f"--block needs affine lookup-table weights (like int4) and a positive size, got {self.block}")
+        if self.function_depth not in (0, 1):
+            raise QCompileError(f"function_depth must be 0 or 1, got {self.function_depth}")
+        if self.functions is not None:
+            object.__setattr__(self, "functions", tuple(self.functions))
+            from .functions import pool  # SymPy: imported only when a pool is asked for
+
+            known = {f.name for f in pool(self.function_depth)}
+            unknown = [name for name in self.functions if name not in known]
+            if unknown or not self.functions:
+                raise QCompileError(f"unknown or non-invertible pool functions: {', '.join(unknown) or '(none given)'}; "
+                                    f"the depth-0 pool is {', '.join(f.name for f in pool(0))}")
+        _check_choice("select", self.select, SELECTIONS)
+        _check_choice("executor", self.executor, EXECUTOR_NAMES)
+
+    @property
+    def lut_weights(self) -> bool:
+        return self.weights in LUT_WEIGHT_FORMATS
+
+    @property
+    def qdq_weights(self) -> str:
+        """The weight format PlanW8A8 inserts QDQ for ("none" when weights go through lookup tables)."""
+        return "none" if self.lut_weights else self.weights
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,19 +4,34 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
+from . import lut, ops
+
 # Fixed thread count for calibration and verification: results must not depend on the machine.
 DETERMINISTIC_THREADS = 2
 
 
 def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THREADS,
-                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 use_library: bool | None = None) -> ort.InferenceSession:
+    """use_library: register qcompile's custom-op library (True), run the models' standard-op fallback
+    functions instead (False), or register it when the model has qcompile ops and it is built (None)."""
     options = ort.SessionOptions()
+    if use_library is None:
+        use_library = ops.library_available() and _uses_custom_ops(model)
+    if use_library:
+        ops.register(options)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = optimization
     options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _uses_custom_ops(model: onnx.ModelProto | str) -> bool:
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(model, load_external_data=False)
+    return any(o.domain == lut.DOMAIN for o in model.opset_import)
 
 
 def with_extra_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

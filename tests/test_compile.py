@@ -39,7 +39,7 @@ def test_artifact_layout_and_manifest(compiled):
     assert qcompile.QuantConfig.from_dict(manifest["config"]) == qcompile.QuantConfig()
     assert manifest["custom_op_library"] is None
     assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "fold-clipped-softmax", "merge-gate-projection",
-                                                        "plan-w8a8", "insert-qdq",
+                                                        "plan-w8a8", "insert-qdq", "insert-lut-weights",
                                                         "dequantize-after-gather"]
     kinds = Counter(t["kind"] for t in manifest["plan"]["tensors"])
     assert kinds["weight"] == 15  # 2 layers x (Q, K, V, attention output, FFN in, FFN out) + 3 embedding tables
