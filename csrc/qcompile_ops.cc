@@ -196,8 +196,8 @@ int64_t attribute(const OrtApi* api, const OrtKernelInfo* info, const char* name
 constexpr int64_t kRowsPerTask = 16;
 
 struct LutKernel {
-  int64_t bits, k;
   std::string problem;  // a bad attribute is reported by Compute: no exception may cross the C API
+  int64_t bits, k;      // declared after `problem`, which their initialisers write to
   LutKernel(const OrtApi* api, const OrtKernelInfo* info)
       : bits(attribute(api, info, "bits", &problem)), k(attribute(api, info, "k", &problem)) {}
 };
