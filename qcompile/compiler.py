@@ -69,9 +69,9 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     for spec in plan.of_kind("activation"):
         plan.params[spec.tensor] = calibration.activation_params(
             spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
-    lut_summary, lut_nodes = None, set()
+    lut_summary, lut_nodes, figures = None, set(), ()
     if config.lut_weights:
-        lut_summary, lut_nodes = _choose_lut_weights(context, reference, inputs, calib, calib_feeds)
+        lut_summary, lut_nodes, figures = _choose_lut_weights(context, reference, inputs, calib, calib_feeds)
     records += Pipeline([InsertQDQ(), InsertLutWeights(), DequantizeAfterGather()]).run(context)
     quantized = context.model
 
@@ -89,7 +89,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         "verification": verification,
         "custom_op_library": lut.DOMAIN if config.lut_weights else None,
     }
-    return Artifact(quantized, manifest, report.render(manifest))
+    return Artifact(quantized, manifest, report.render(manifest, figures))
 
 
 def _choose_lut_weights(context: CompileContext, reference: onnx.ModelProto, inputs, calib, calib_feeds):
@@ -117,7 +117,13 @@ def _choose_lut_weights(context: CompileContext, reference: onnx.ModelProto, inp
                "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
                "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function} for c in tried],
                "layers": layers}
-    return summary, quantized_nodes
+    samples = []
+    for w in weights[:: max(1, len(weights) // 4)][:4]:  # a few layers, spread over the model
+        row = int(np.abs(w.rows).max(axis=1).argmax())  # the row with the widest range
+        quantizer = choice.quantizers[w.tensor]
+        values = quantizer.dequantize(quantizer.encode(w.rows))[row]
+        samples.append((f"{w.tensor} row {row} ({quantizer.function or 'affine'})", w.rows[row], values))
+    return summary, quantized_nodes, (report.sorted_weights_figure(samples),)
 
 
 def _quantized_layers(plan: QuantPlan, model: onnx.ModelProto, extra_nodes=frozenset()) -> list[tuple[str, str, str]]:

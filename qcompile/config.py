@@ -25,7 +25,7 @@ class QuantConfig:
         are QDQ formats. Lookup-table formats (packed codes, qcompile's custom ops): "nl" = PTNQ
         non-linear functions (seed 003), "affine" = MSE-optimal asymmetric affine, per output
         channel or per block of `block` columns.
-    bits: (lowest, highest) code width for "nl" / "affine"; with a range, "nl" searches from the
+    bits: (lowest, highest) code width for "nl" / "affine" (an int B means (B, B)); with a range, "nl" searches from the
         highest down and keeps the lowest width whose output SQNR reaches `target_sqnr`.
     block: affine block size along the input dimension (None: per output channel).
     target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
@@ -73,7 +73,7 @@ class QuantConfig:
             raise QCompileError(f"calib_batch_size must be >= 1, got {self.calib_batch_size}")
         if not 0.0 <= self.verify_fraction < 1.0:
             raise QCompileError(f"verify_fraction must be in [0, 1), got {self.verify_fraction}")
-        object.__setattr__(self, "bits", tuple(self.bits))
+        object.__setattr__(self, "bits", (self.bits, self.bits) if isinstance(self.bits, int) else tuple(self.bits))
         low, high = self.bits
         if low not in LUT_BITS or high not in LUT_BITS or low > high:
             raise QCompileError(f"bits must be a range within 2..8 (like 4 or 4-8), got {low}-{high}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import html
 import io
 
+import numpy as np
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,7 +20,7 @@ HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>qcompile r
          "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>")
 
 
-def render(manifest: dict) -> str:
+def render(manifest: dict, figures: tuple[str, ...] = ()) -> str:
     verification = manifest.get("verification") or {}
     layers = verification.get("layers", [])
     parts = [
@@ -35,6 +37,8 @@ def render(manifest: dict) -> str:
         parts.append(_sqnr_plot(layers))
         parts.append(table(["node", "op", "output", "SQNR (dB)"],
                             [[l["node"], l["op_type"], l["tensor"], l["sqnr_db"]] for l in layers]))
+    if manifest.get("lut_weights"):
+        parts.extend(_lut_section(manifest["lut_weights"], figures))
     plan = manifest["plan"]
     parts.append(f"<h2>Quantized tensors ({len(plan['tensors'])})</h2>")
     parts.append(table(["tensor", "kind", "dtype", "axis", "scale", "zero point", "why"],
@@ -61,6 +65,37 @@ def render_qat(manifest: dict) -> str:
                [[t["module"], t["dtype"], t["per_channel"], t["scale"]] for t in tensors]),
         "</body></html>\n",
     ])
+
+
+def _lut_section(summary: dict, figures: tuple[str, ...]) -> list[str]:
+    sqnr = "" if summary["sqnr_db"] is None else f", output SQNR {summary['sqnr_db']:.2f} dB"
+    parts = [f"<h2>Lookup-table weights: {html.escape(summary['format'])}, {summary['bits']} bits{sqnr}</h2>",
+             f"<p>Candidates scored by {html.escape(summary['scored_by'])}.</p>"]
+    tried = [[t["bits"], f["function"], f["sqnr_db"], f["mse"]] for t in summary["tried"] for f in t["per_function"]]
+    if tried:
+        parts.append("<h3>Every function, one per model</h3>")
+        parts.append(table(["bits", "function", "output SQNR (dB)", "mean weight MSE"], tried))
+    parts.append("<h3>Chosen per layer</h3>")
+    parts.append(table(["tensor", "op", "rows x k", "bits", "function", "tables per row", "weight MSE"],
+                       [[l["tensor"], l["op_type"], f"{l['rows']} x {l['k']}", l["bits"], l["function"] or "affine",
+                         l["blocks"], l["mse"]] for l in summary["layers"]]))
+    parts.extend(figures)
+    return parts
+
+
+def sorted_weights_figure(samples: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
+    """Seed 003 Figure 1 style: each sample's sorted weights and their dequantized values."""
+    figure, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 3.0), squeeze=False)
+    for axis, (label, weights, dequantized) in zip(axes[0], samples):
+        order = np.argsort(weights)
+        axis.plot(weights[order], label="sorted weights", color="#999999")
+        axis.plot(dequantized[order], label="quantized", color="#3b6ea5", linewidth=1)
+        axis.set_title(label, fontsize=8)
+        axis.set_xlabel("rank")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("One row per layer: sorted weights and the fitted quantizer's values", fontsize=9)
+    figure.tight_layout()
+    return svg(figure)
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -110,8 +110,19 @@ def test_config_round_trips_and_rejects_bad_values():
     assert qcompile.QuantConfig.from_json(config.to_json()) == config
     with pytest.raises(qcompile.QCompileError, match="calib_method must be one of"):
         qcompile.QuantConfig(calib_method="kl")
-    with pytest.raises(qcompile.QCompileError, match="unknown config keys: bits"):
-        qcompile.QuantConfig.from_dict({"bits": 4})
+    with pytest.raises(qcompile.QCompileError, match="unknown config keys: nbits"):
+        qcompile.QuantConfig.from_dict({"nbits": 4})
+    search = qcompile.QuantConfig(weights="nl", acts="none", bits=(4, 8), target_sqnr=30.0, functions=["sinh", "x"])
+    assert qcompile.QuantConfig.from_json(search.to_json()) == search
+    assert qcompile.QuantConfig(weights="affine", bits=3).bits == (3, 3)
+    for bad, message in [({"weights": "nl", "bits": (1, 4)}, "bits must be a range within 2..8"),
+                         ({"weights": "nl", "block": 32}, "--block needs affine lookup-table weights"),
+                         ({"weights": "nl", "target_sqnr": 30.0}, "--target-sqnr drives the bit-width search"),
+                         ({"weights": "affine", "bits": (4, 6)}, "needs --weights nl"),
+                         ({"weights": "nl", "functions": ["cosh"]}, "unknown or non-invertible pool functions: cosh"),
+                         ({"weights": "nl", "executor": "slurm"}, "executor must be one of")]:
+        with pytest.raises(qcompile.QCompileError, match=message):
+            qcompile.QuantConfig(**bad)
 
 
 def test_float_graph_input_is_calibrated_directly(tmp_path):
