@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import median_ms, model_bytes  # noqa: E402
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 LATENCY_THREADS = 2
 
@@ -108,7 +110,7 @@ def _run_method(name: str, method, model_path: str, calib_path: str, eval_path: 
         "method": name, **accuracy, "calibration_seconds": round(quantize_seconds, 2),
         "peak_memory_mb": round(peak_mb, 1) if method else None,
         "latency_ms_batch1": round(_latency_ms(quantized_path, eval_path), 3),
-        "artifact_bytes": _bytes(quantized_path),
+        "artifact_bytes": model_bytes(quantized_path),
     }
 
 
@@ -206,26 +208,11 @@ def _accuracy(float_path: str, quantized_path: str, eval_path: str) -> dict:
     return {"mean_cosine": round(float(np.mean(row_cosines(reference, quantized))), 4), "output_sqnr_db": round(sqnr_db(reference, quantized), 2)}
 
 
-def _latency_ms(path: str, eval_path: str, warmup: int = 20, runs: int = 200) -> float:
+def _latency_ms(path: str, eval_path: str) -> float:
     from qcompile.runtime import make_session
 
     archive = np.load(eval_path)
-    feed = {name: archive[name][:1] for name in archive.files}
-    session = make_session(path, threads=LATENCY_THREADS)
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
-def _bytes(model_path: str) -> int:
-    folder = Path(model_path).parent
-    data = folder / "model.onnx.data"
-    return Path(model_path).stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return median_ms(make_session(path, threads=LATENCY_THREADS), {name: archive[name][:1] for name in archive.files})
 
 
 def _markdown(result: dict) -> str:

@@ -47,6 +47,18 @@ def _digit_samples(split: str, count: int) -> dict[str, np.ndarray]:
     return {"images": images[:count] if split == "calib" else images[-count:]}
 
 
+def _efficientnet():
+    from .vision import efficientnet_lite0
+
+    return efficientnet_lite0()
+
+
+def _photo_samples(split: str, count: int) -> dict[str, np.ndarray]:
+    from .vision import photo_samples
+
+    return photo_samples(split, count)
+
+
 def _attention_variant(family: str, kind: str):
     def build():
         import torch
@@ -71,6 +83,8 @@ _FAMILIES = {"encoder": ("BERT-style encoder", _sentence_samples, ("logits",)),
 ZOO = {
     "all-minilm-l6-v2": ZooModel("all-minilm-l6-v2", "pre-trained sentence encoder (22.7M params, BERT, 6 layers)",
                                  _minilm, _sentence_samples, ("sentence_embedding",)),
+    "efficientnet-lite0": ZooModel("efficientnet-lite0", "pre-trained ImageNet CNN (4.65M params), on real photos",
+                                   _efficientnet, _photo_samples, ("logits",)),
     "tiny-bert": ZooModel("tiny-bert", "randomly initialised 2-layer BERT sentence encoder for tests",
                           _tiny_bert, _sentence_samples, ("sentence_embedding",)),
 }

@@ -31,6 +31,7 @@ INITS = ("ones", "random", "space")
 SCHEDULES = ("linear", "cosine", "constant")
 SKETCH_POINTS = 64
 SPACE_START_BOUND = 10.0  # space search starts with a drawn from [-10, 10]
+CHUNK_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,29 @@ def fit_function(function: str, bits: int, sketches: np.ndarray, layer_of_row: n
     # Rows are fitted at unit peak, so losses (and the learning-rate rule) compare across layers.
     peak = np.abs(sketches).max(axis=1)
     peak = np.where(peak > 0, peak, 1.0).astype(np.float32)
-    fit = _Fit(functions.by_name(function), bits, torch.from_numpy((sketches / peak[:, None]).astype(np.float32)), torch)
-    starts = [fit.start(torch.ones(fit.rows)), fit.start(torch.randn(fit.rows).clamp(-1, 1)), fit.space_search(options)]
-    a_rows, s_rows = fit.best_of(starts)
-    if options.regression:
-        a_rows, s_rows = fit.best_of([(a_rows, s_rows), fit.regression(a_rows, s_rows, options.steps)])
-    a_rows, s_rows = fit.train(a_rows, s_rows, torch.from_numpy(layer_of_row), options.steps)
-    return a_rows.numpy().astype(np.float32), (s_rows.numpy() * peak).astype(np.float32)
+    unit_rows = torch.from_numpy((sketches / peak[:, None]).astype(np.float32))
+    f = functions.by_name(function)
+    # Chunks of rows keep every temporary small enough for the allocator to reuse (one tensor over
+    # all rows of MiniLM is ~100 MB and page-faults on every operation).
+    fits = [_Fit(f, bits, unit_rows[start:start + CHUNK_ROWS], torch) for start in range(0, len(unit_rows), CHUNK_ROWS)]
+    starts = []
+    for fit in fits:
+        start = fit.best_of([fit.start(torch.ones(fit.rows)), fit.start(torch.randn(fit.rows).clamp(-1, 1)),
+                             fit.space_search(options)])
+        if options.regression:
+            start = fit.best_of([start, fit.regression(*start, options.steps)])
+        starts.append(start)
+    with torch.no_grad():  # seed 003's initial learning rate 10^(E/2 - 1), E from each layer's starting MSE
+        loss = torch.cat([torch.nan_to_num(fit.rounding_loss(*start), nan=0.0, posinf=0.0) for fit, start in zip(fits, starts)])
+        layer_of_row = torch.from_numpy(layer_of_row)
+        layer_loss = torch.zeros(int(layer_of_row.max()) + 1).index_add_(0, layer_of_row, loss)
+        layer_loss /= torch.bincount(layer_of_row).clamp_min(1)
+        rate = (10.0 ** (torch.floor(torch.log10(layer_loss.clamp_min(1e-30))) / 2 - 1))[layer_of_row]
+    trained = [fit.train(*start, rate[i * CHUNK_ROWS:(i + 1) * CHUNK_ROWS], options.steps)
+               for i, (fit, start) in enumerate(zip(fits, starts))]
+    a_rows = torch.cat([a for a, _ in trained]).numpy()
+    s_rows = torch.cat([s for _, s in trained]).numpy()
+    return a_rows.astype(np.float32), (s_rows * peak).astype(np.float32)
 
 
 class _Fit:
@@ -192,8 +209,8 @@ class _Fit:
         return a, s
 
     def space_search(self, options: FitOptions):
-        """Seed 003's space search on a coarser sketch, scored by the inverse-rounding quantizer (cheaper
-        than nearest-entry codes): draw, keep the top 10%, narrow to [-(max + mean), max + mean] of the
+        """Seed 003's space search on a coarser sketch, scored by the inverse-rounding quantizer through
+        its table (cheaper than nearest-entry codes): draw, keep the top 10%, narrow to [-(max + mean), max + mean] of the
         kept |a|, repeat; the best draw seen wins."""
         torch = self.torch
         index = torch.linspace(0, self.rows_data.shape[1] - 1, min(options.space_sketch, self.rows_data.shape[1]))
@@ -205,7 +222,7 @@ class _Fit:
         for _ in range(options.space_rounds):
             draws = (torch.rand(population, self.rows) * 2 - 1) * bound
             draws = torch.where(draws.abs() < 1e-3, torch.full_like(draws, 1e-3), draws)
-            errors = self.torch.nan_to_num(self.rounding_loss(draws, self.scale_for(draws), coarse), nan=float("inf"))
+            errors = self.table_loss(draws, self.scale_for(draws), coarse)
             top_errors, top = errors.topk(keep, dim=0, largest=False)
             kept = draws.gather(0, top).abs()
             better = top_errors[0] < best_error
@@ -229,6 +246,14 @@ class _Fit:
             optimizer.step()
         return a.detach(), s.detach()
 
+    def table_loss(self, a, s, rows):
+        """rounding_loss without gradients: the dequantized values are read from the 2^B-entry table."""
+        torch = self.torch
+        codes = (self.f.torch(rows / s[..., None], inverse=True) / a[..., None] * self.half).round()
+        index = torch.nan_to_num(codes, nan=0.0).clamp(-self.half, self.half - 1).long() + int(self.half)
+        error = (rows - self.table(a, s).gather(-1, index)) ** 2
+        return torch.nan_to_num(error.mean(dim=-1), nan=float("inf"))
+
     def rounding_loss(self, a, s, rows=None):
         """Per-row MSE of seed 003's quantizer: codes from the inverse, rounded (straight-through)."""
         rows = self.rows_data if rows is None else rows
@@ -238,18 +263,13 @@ class _Fit:
         error = (rows - s[..., None] * self.f.torch(a[..., None] * codes / self.half)) ** 2
         return error.mean(dim=-1)
 
-    def train(self, a, s, layer_of_row, steps: int):
+    def train(self, a, s, rate, steps: int):
+        """Adam on (a, s) from the start given, one copy per learning-rate schedule; `rate` per row."""
         torch = self.torch
         count = len(SCHEDULES)
         start_a, start_s = a, s
         a = a.expand(count, -1).clone().requires_grad_()
         s = s.expand(count, -1).clone().requires_grad_()
-        with torch.no_grad():
-            start = torch.nan_to_num(self.rounding_loss(a[0], s[0]), nan=0.0, posinf=0.0)
-            layer_loss = torch.zeros(int(layer_of_row.max()) + 1).index_add_(0, layer_of_row, start)
-            layer_loss /= torch.bincount(layer_of_row).clamp_min(1)
-            exponent = torch.floor(torch.log10(layer_loss.clamp_min(1e-30)))
-            rate = (10.0 ** (exponent / 2 - 1))[layer_of_row]  # seed 003: 10^(E/2 - 1), per layer
         best_a, best_s = a.detach().clone(), s.detach().clone()
         best = torch.full((count, self.rows), float("inf"))
         moments = [torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(s), torch.zeros_like(s)]

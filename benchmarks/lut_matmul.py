@@ -1,0 +1,118 @@
+"""A 4096 x 4096 weight-only MatMul at batch 1, 16 and 128 (seed 003 Table 4 style), in one run:
+float, ONNX Runtime's MatMulNBits int4 (block 32, RTN), qcompile nl4 (PTNQ sinh, per channel) on
+qcompile's custom-op library, and the same artifact through its standard-op fallback functions.
+
+The weight is Laplacian (what trained weights look like); latency is the median of many runs with
+2 intra-op threads; bytes are the serialized model. The memory-bandwidth floor is the nl4 model's
+bytes over a read bandwidth measured here in the same run.
+
+    .venv/bin/python benchmarks/lut_matmul.py      # ~2 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from timing import median_ms, model_bytes
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+THREADS = 2
+RUNS = {1: 400, 16: 60, 128: 15}
+
+
+def float_model(k: int, n: int) -> onnx.ModelProto:
+    weight = np.random.default_rng(0).laplace(0, 0.02, (k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+                              [onnx.numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def read_bandwidth_gbs(megabytes: int = 1024) -> float:
+    """Bytes per second numpy reads when summing a large array (best of 5), a floor for memory-bound kernels."""
+    data = np.ones(megabytes << 18, dtype=np.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path("build/bench/lut_matmul"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import qcompile
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from qcompile.runtime import make_session
+
+    k = n = args.size
+    paths = {"float": args.out / "float.onnx", "onnxruntime int4 block 32": args.out / "ort_int4.onnx"}
+    model = float_model(k, n)
+    onnx.save(model, paths["float"])
+    quantizer = MatMulNBitsQuantizer(onnx.load(paths["float"]), bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(paths["onnxruntime int4 block 32"]))
+    start = time.perf_counter()
+    artifact = qcompile.compile(model, qcompile.QuantConfig(weights="nl", acts="none", bits=4, functions=("sinh",),
+                                                            executor="serial"))
+    compile_seconds = time.perf_counter() - start
+    artifact.save(args.out / "nl4", force=True)
+    nl4 = args.out / "nl4" / "model.onnx"
+    sessions = {
+        "float": make_session(str(paths["float"]), threads=THREADS),
+        "onnxruntime int4 block 32": make_session(str(paths["onnxruntime int4 block 32"]), threads=THREADS),
+        "qcompile nl4, library": make_session(str(nl4), threads=THREADS, use_library=True),
+        "qcompile nl4, fallback": make_session(str(nl4), threads=THREADS, use_library=False),
+    }
+    sizes = {name: model_bytes(paths.get(name, nl4)) for name in sessions}
+    rng = np.random.default_rng(1)
+    x = {m: rng.standard_normal((m, k)).astype(np.float32) for m in RUNS}
+    reference = {m: sessions["float"].run(None, {"x": x[m]})[0] for m in RUNS}
+    rows = []
+    for name, session in sessions.items():
+        row = {"method": name, "bytes": sizes[name], "x_float_bytes": round(sizes[name] / sizes["float"], 4)}
+        for m, runs in RUNS.items():
+            row[f"ms_batch{m}"] = round(median_ms(session, {"x": x[m]}, warmup=5, runs=runs), 4)
+        y = session.run(None, {"x": x[1]})[0]
+        row["output_sqnr_db_vs_float"] = round(float(10 * np.log10(np.sum(reference[1] ** 2) / np.sum((reference[1] - y) ** 2))), 2)
+        rows.append(row)
+    bandwidth = read_bandwidth_gbs()
+    result = {"k": k, "n": n, "threads": THREADS, "read_bandwidth_gbs": round(bandwidth, 1),
+              "nl4_floor_ms": round(sizes["qcompile nl4, library"] / bandwidth / 1e6, 4),
+              "nl4_compile_seconds": round(compile_seconds, 1), "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    (args.out / "results.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    rows = {r["method"]: r for r in result["rows"]}
+    ort = rows["onnxruntime int4 block 32"]
+    lines = [f"{result['k']}x{result['n']} MatMul, weight-only, {result['threads']} threads; median ms.", "",
+             "| method | batch 1 | batch 16 | batch 128 | x ORT int4 (b=1) | bytes | x float bytes | SQNR vs float (dB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['ms_batch1']} | {r['ms_batch16']} | {r['ms_batch128']} | "
+                     f"{r['ms_batch1'] / ort['ms_batch1']:.2f} | {r['bytes']} | {r['x_float_bytes']} | {r['output_sqnr_db_vs_float']} |")
+    floor = result["nl4_floor_ms"]
+    lines += ["", f"Memory-bandwidth floor for nl4 at batch 1: {floor} ms ({rows['qcompile nl4, library']['bytes']} bytes "
+              f"at {result['read_bandwidth_gbs']} GB/s measured); the library kernel is "
+              f"{rows['qcompile nl4, library']['ms_batch1'] / floor:.2f}x the floor."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

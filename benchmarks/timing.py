@@ -1,0 +1,26 @@
+"""Shared by the benchmark scripts: latency of an ONNX Runtime session, and model bytes on disk."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def median_ms(session, feed: dict, warmup: int = 20, runs: int = 200) -> float:
+    """Median wall time of session.run over `runs` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def model_bytes(model_path: str | Path) -> int:
+    """The .onnx file plus its external-data file, if any."""
+    path = Path(model_path)
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
