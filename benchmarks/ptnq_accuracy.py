@@ -3,10 +3,16 @@ pre-trained models: all-MiniLM-L6-v2 (sentence embeddings; metric: mean cosine t
 Lee-corpus sentences) and EfficientNet-Lite0 (ImageNet CNN; metric: top-1 agreement with float on
 crops of real photos). Also output SQNR, model bytes, and batch-1 latency of the 4-bit artifacts.
 
+MiniLM also gets a task metric, as seed 003's Table 3 reports task metrics: the Spearman
+correlation of its word-pair cosine similarities with human scores on WordSim-353 and SimLex-999
+(gensim's test data), for the float model and every quantized one.
+
 Methods, activations float:
 * qcompile nl: PTNQ, per-channel non-linear tables, function chosen per layer by output SQNR on
   calibration data; the whole pool at 4 bits, and (to bound the run time) the best --top-functions
   of the 4-bit search at 5..8 bits;
+* qcompile nl, MatMul weights only: the same, on exactly the weights ONNX Runtime quantizes
+  (embeddings and convolutions stay float), searching the functions of the 4-bit pool search;
 * qcompile affine: MSE-optimal per-channel affine tables, the same kernels;
 * ONNX Runtime MatMulNBits (RTN, symmetric, block 32 and 128) and HQQ (block 32) where they run:
   they quantize MatMul weights only (EfficientNet's convolutions stay float).
@@ -30,6 +36,7 @@ from timing import median_ms, model_bytes
 os.environ.setdefault("TQDM_DISABLE", "1")
 BITS = (4, 5, 6, 7, 8)
 THREADS = 2
+WORD_MODEL = "all-minilm-l6-v2"
 MODELS = {"all-minilm-l6-v2": {"calib": 64, "eval": 128, "metric": "mean cosine"},
           "efficientnet-lite0": {"calib": 72, "eval": 72, "metric": "top-1 agreement"}}
 
@@ -68,9 +75,11 @@ def run_model(name: str, out: Path, top_functions: int) -> dict:
     rows = {}
 
     def record(method: str, bits: int, path: Path, extra: dict | None = None, use_library: bool | None = None):
-        output = make_session(str(path), use_library=use_library).run(None, evaluation)[0].astype(np.float64)
+        session = make_session(str(path), use_library=use_library)
+        output = session.run(None, evaluation)[0].astype(np.float64)
         rows.setdefault(method, {})[str(bits)] = {"metric": _metric(spec["metric"], reference, output),
                                                   "sqnr_db": _sqnr(reference, output), "bytes": model_bytes(path),
+                                                  **(word_similarity(session) if name == WORD_MODEL else {}),
                                                   **(extra or {})}
         log(f"{name} {method} {bits} bits: {rows[method][str(bits)]}")
 
@@ -89,6 +98,11 @@ def run_model(name: str, out: Path, top_functions: int) -> dict:
         if functions is None:  # the whole pool ran at 4 bits: later widths search its best functions only
             ranked = sorted(summary["tried"][0]["per_function"], key=lambda f: -f["sqnr_db"])
             functions = tuple(sorted({f["function"] for f in ranked[:top_functions]} | set(used)))
+        # Like for like with ONNX Runtime, which quantizes MatMul weights only.
+        config = qcompile.QuantConfig(weights="nl", acts="none", bits=bits, functions=functions, lut_ops=("MatMul",))
+        artifact = qcompile.compile(str(float_path), config, calib=calib)
+        artifact.save(out / f"nl{bits}_matmul", force=True)
+        record("qcompile nl, MatMul weights only", bits, out / f"nl{bits}_matmul" / "model.onnx")
         artifact = qcompile.compile(str(float_path), qcompile.QuantConfig(weights="affine", acts="none", bits=bits),
                                     calib=calib)
         artifact.save(out / f"affine{bits}", force=True)
@@ -110,8 +124,35 @@ def run_model(name: str, out: Path, top_functions: int) -> dict:
     if (out / "ort_rtn32_4.onnx").exists():
         latency["onnxruntime int4 RTN block 32"] = median_ms(make_session(str(out / "ort_rtn32_4.onnx"), threads=THREADS),
                                                              latency_feed)
-    return {"metric": spec["metric"], "float_bytes": model_bytes(float_path), "calib_samples": spec["calib"],
+    float_task = word_similarity(make_session(str(float_path))) if name == WORD_MODEL else {}
+    return {"metric": spec["metric"], "float_bytes": model_bytes(float_path), "float_task": float_task,
+            "calib_samples": spec["calib"],
             "eval_samples": spec["eval"], "rows": rows, "latency_ms_batch1": {k: round(v, 3) for k, v in latency.items()}}
+
+
+def word_similarity(session) -> dict:
+    """Spearman correlation between the model's word-pair cosines and human scores, per benchmark."""
+    from qcompile.models import sentence_encoder, text
+    from qcompile.verify import row_cosines
+
+    result = {}
+    for file in text.WORD_SIMILARITY_FILES:
+        first, second, scores = text.word_pairs(file)
+        embed = lambda words: session.run(None, sentence_encoder.encode(words))[0].astype(np.float64)  # noqa: E731
+        cosines = row_cosines(embed(first), embed(second))
+        result[f"spearman_{file.split('.')[0]}"] = round(float(np.corrcoef(_ranks(cosines), _ranks(np.array(scores)))[0, 1]), 4)
+    return result
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), for Spearman's correlation."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
 
 
 def _onnxruntime_nbits(float_path: Path, path: Path, bits: int, block: int, algorithm: str) -> None:
@@ -158,6 +199,15 @@ def markdown(results: dict) -> str:
             four = by_bits.get("4", {})
             size = f"{four['bytes']} ({four['bytes'] / result['float_bytes']:.3f})" if "bytes" in four else "-"
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {size} |")
+        if result["float_task"]:
+            lines += ["", "Word similarity (Spearman with human scores; WordSim-353 / SimLex-999): float "
+                      + " / ".join(f"{v:.4f}" for v in result["float_task"].values()), "",
+                      "| method | " + " | ".join(f"{b} bits" for b in results["bits"]) + " |",
+                      "|---|" + "---|" * len(results["bits"])]
+            for method, by_bits in result["rows"].items():
+                cells = [" / ".join(f"{by_bits[str(b)][k]:.4f}" for k in result["float_task"])
+                         if "metric" in by_bits.get(str(b), {}) else "-" for b in results["bits"]]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
         nl4 = result["rows"]["qcompile nl"]["4"]
         lines += ["", f"4-bit pool search: {nl4['functions_searched']} functions in {nl4['compile_seconds']} s "
                       f"(whole compile); functions used: {', '.join(nl4['functions_used'])}.",

@@ -1,7 +1,8 @@
 """Real English text that a package ships: the Lee news corpus in gensim's test data.
 
 Calibration sentences come from `lee_background.cor` (300 news articles), evaluation sentences from
-`lee.cor` (50 other articles). Only the files are read: gensim itself is never imported.
+`lee.cor` (50 other articles). The same folder has two word-similarity benchmarks with human
+scores (WordSim-353, SimLex-999). Only the files are read: gensim itself is never imported.
 """
 from __future__ import annotations
 
@@ -34,3 +35,19 @@ def sentences(name: str, limit: int) -> list[str]:
             if len(found) == limit:
                 break
     return found
+
+
+WORD_SIMILARITY_FILES = ("wordsim353.tsv", "simlex999.txt")
+
+
+def word_pairs(name: str) -> tuple[list[str], list[str], list[float]]:
+    """(first words, second words, human similarity scores) of a word-similarity benchmark file."""
+    first, second, scores = [], [], []
+    for line in corpus_path(name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        a, b, score = line.split("\t")[:3]
+        first.append(a)
+        second.append(b)
+        scores.append(float(score))
+    return first, second, scores

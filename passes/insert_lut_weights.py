@@ -38,11 +38,12 @@ class LutWeight:
         return np.ascontiguousarray(rows.T if self.transposed else rows).reshape(self.shape)
 
 
-def find_lut_weights(graph: gs.Graph) -> list[LutWeight]:
-    """Every constant float weight of MatMul / Gemm / Conv / Gather(axis 0) that only that node reads."""
+def find_lut_weights(graph: gs.Graph, ops=("MatMul", "Gemm", "Conv", "Gather")) -> list[LutWeight]:
+    """Every constant float weight of MatMul / Gemm / Conv / Gather(axis 0) (those in `ops`) that only
+    that node reads."""
     found = []
     for node in graph.nodes:
-        weight = _weight_input(node)
+        weight = _weight_input(node) if node.op in ops else None
         if weight is None or len(weight.outputs) != 1 or weight.values.dtype != np.float32:
             continue
         values = weight.values

@@ -30,6 +30,8 @@ def cli() -> None:
 @click.option("--block", type=int, help="Affine lookup-table weights: one table per block of this many inputs.")
 @click.option("--target-sqnr", type=float, help="Bit-width search: keep the lowest width reaching this output SQNR (dB).")
 @click.option("--functions", help="Comma-separated PTNQ pool functions to search (default: the whole pool).")
+@click.option("--lut-ops", help="Comma-separated ops whose weights become lookup tables "
+                                  "(default: MatMul,Gemm,Conv,Gather; Gather = embedding tables).")
 @click.option("--function-depth", type=click.IntRange(0, 1), default=0, show_default=True,
               help="PTNQ pool depth: 1 adds compositions f(g(x)).")
 @click.option("--select", type=click.Choice(SELECTIONS), default="layer", show_default=True,
@@ -44,7 +46,7 @@ def cli() -> None:
 @click.option("--no-residual", is_flag=True, help="Keep residual Adds in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
-def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr, functions, function_depth, select,
+def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr, functions, lut_ops, function_depth, select,
             executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .compiler import compile as compile_model
@@ -56,6 +58,7 @@ def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr
                          quantize_attention=not no_attention, quantize_residual_adds=not no_residual, bits=bit_range,
                          block=block, target_sqnr=target_sqnr, function_depth=function_depth,
                          functions=tuple(functions.split(",")) if functions else None, select=select,
+                         **({"lut_ops": tuple(lut_ops.split(","))} if lut_ops else {}),
                          executor=executor, workers=workers)
     artifact = compile_model(model, config, calib=calib, verify_data=verify_data)
     artifact.save(output, force=force)

@@ -95,9 +95,9 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
 def _choose_lut_weights(context: CompileContext, reference: onnx.ModelProto, inputs, calib, calib_feeds):
     """Fit and choose every lookup-table weight quantizer (context.lut); the manifest's summary of it."""
     config = context.config
-    weights = find_lut_weights(context.graph)
+    weights = find_lut_weights(context.graph, config.lut_ops)
     if not weights:
-        raise QCompileError("--weights nl/affine: the model has no constant MatMul, Gemm, Conv or Gather weight")
+        raise QCompileError(f"--weights nl/affine: the model has no constant {', '.join(config.lut_ops)} weight")
     probe = None
     if calib is not None:
         source = calib_feeds if isinstance(calib_feeds, list) else iterate_feeds(calib, inputs)

@@ -11,6 +11,7 @@ WEIGHT_FORMATS = ("int8", "int4", "none", "nl", "affine")
 LUT_WEIGHT_FORMATS = ("nl", "affine")  # packed codes read through lookup tables (qcompile custom ops)
 LUT_BITS = range(2, 9)
 SELECTIONS = ("layer", "model")
+LUT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 EXECUTOR_NAMES = ("local", "serial", "ray")
 ACTIVATION_FORMATS = ("int8", "none")
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
@@ -31,6 +32,7 @@ class QuantConfig:
     target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
     function_depth: PTNQ pool depth: 0 = the primitives, 1 = also their compositions f(g(x)).
     functions: search only these pool functions (names as in qcompile.functions; None: the whole pool).
+    lut_ops: which ops' weights become lookup tables (Gather: embedding tables).
     select: choose the PTNQ function per "model" (seed 003) or per "layer" (greedy, from the best
         per-model choice, kept only where the output SQNR improves).
     executor, workers: where PTNQ fitting tasks run ("local" process pool, "serial", or "ray").
@@ -59,6 +61,7 @@ class QuantConfig:
     target_sqnr: float | None = None
     function_depth: int = 0
     functions: tuple[str, ...] | None = None
+    lut_ops: tuple[str, ...] = LUT_OPS
     select: str = "layer"
     executor: str = "local"
     workers: int | None = None
@@ -83,6 +86,9 @@ class QuantConfig:
             raise QCompileError("--target-sqnr drives the bit-width search: it needs --weights nl and --bits LOW-HIGH")
         if self.block is not None and (self.weights != "affine" or self.block < 1):
             raise QCompileError(f"--block needs affine lookup-table weights (like int4) and a positive size, got {self.block}")
+        object.__setattr__(self, "lut_ops", tuple(self.lut_ops))
+        if not self.lut_ops or not set(self.lut_ops) <= set(LUT_OPS):
+            raise QCompileError(f"lut_ops must be a non-empty subset of {', '.join(LUT_OPS)}; got {', '.join(self.lut_ops)}")
         if self.function_depth not in (0, 1):
             raise QCompileError(f"function_depth must be 0 or 1, got {self.function_depth}")
         if self.functions is not None:

@@ -6,8 +6,9 @@ the index of the nearest table entry.
 * non-linear: w = s * f(a * c / 2^(B-1)), c in [-2^(B-1), 2^(B-1)), f from the function pool;
 * affine: w = scale * (c - zero), c in [0, 2^B), per row or per block of columns (MSE-optimal).
 
-Fitting a function runs on every row of every layer at once, on a sorted 64-point sketch of each
-row (equally spaced order statistics: the squared error over them tracks the row's own):
+Fitting a function runs on the rows of every layer together (vectorised, in chunks of 2048 rows),
+on a sorted 64-point sketch of each row (equally spaced order statistics: the squared error over
+them tracks the row's own):
 1. initialisation: ones, random, and space search; s from the range rule; optionally a non-linear
    regression on the sorted weights; each row keeps its best start;
 2. training: Adam on (a, s) with straight-through rounding, three learning-rate schedules (linear
@@ -27,7 +28,6 @@ from .functions import Backend, lower
 from .numerics import IntGrid, mse_params
 
 c, a, s, scale, zero = sp.symbols("c a s scale zero", real=True)
-INITS = ("ones", "random", "space")
 SCHEDULES = ("linear", "cosine", "constant")
 SKETCH_POINTS = 64
 SPACE_START_BOUND = 10.0  # space search starts with a drawn from [-10, 10]
@@ -36,6 +36,9 @@ CHUNK_ROWS = 2048
 
 @dataclass(frozen=True)
 class FitOptions:
+    """steps: Adam steps per schedule; space_*: space-search rounds, draws per row per round, and the
+    coarser sketch it scores on; regression: refine the best start by a fit to the sorted weights."""
+
     steps: int = 40
     space_rounds: int = 50
     space_population: int = 16
@@ -48,7 +51,6 @@ class FitOptions:
 class Quantizer:
     """One weight's B-bit table quantizer: `expression` of c and `params` (each [N, G, 1])."""
 
-    kind: str  # "nl" or "affine"
     bits: int
     function: str | None
     expression: sp.Expr
@@ -108,7 +110,7 @@ def nonlinear_grid(bits: int) -> np.ndarray:
 def nonlinear_quantizer(function: str, bits: int, a_rows: np.ndarray, s_rows: np.ndarray) -> Quantizer:
     f = functions.by_name(function)
     expression = s * f.forward.subs(functions.x, a * c / (1 << (bits - 1)))
-    return Quantizer("nl", bits, function, expression,
+    return Quantizer(bits, function, expression,
                      {"a": a_rows.reshape(-1, 1, 1), "s": s_rows.reshape(-1, 1, 1)}, nonlinear_grid(bits))
 
 
@@ -119,7 +121,7 @@ def affine_quantizer(rows: np.ndarray, bits: int, block: int | None = None) -> Q
     blocked = rows.reshape(n * (k // block), block)
     step, zero_point = mse_params(blocked, IntGrid(0, (1 << bits) - 1, np.uint8))
     shape = (n, k // block, 1)
-    return Quantizer("affine", bits, None, scale * (c - zero),
+    return Quantizer(bits, None, scale * (c - zero),
                      {"scale": np.asarray(step, np.float32).reshape(shape),
                       "zero": np.asarray(zero_point, np.float32).reshape(shape)},
                      np.arange(1 << bits, dtype=np.float64))
@@ -167,7 +169,7 @@ def fit_function(function: str, bits: int, sketches: np.ndarray, layer_of_row: n
 
 
 class _Fit:
-    """Vectorised fitting state for one function at one bit width (all rows at once)."""
+    """Vectorised fitting of one function at one bit width, for one chunk of rows at unit peak."""
 
     def __init__(self, f: functions.PoolFunction, bits: int, rows, torch):
         self.f, self.torch, self.rows_data = f, torch, rows
@@ -186,13 +188,17 @@ class _Fit:
         reach = reach.amax(dim=-1)
         return self.torch.where(reach > 0, self.peak / reach.clamp_min(1e-30), self.torch.ones_like(reach))
 
+    def away_from_zero(self, a):
+        """a = 0 collapses every table entry to f(0): keep |a| >= 1e-3."""
+        return self.torch.where(a.abs() < 1e-3, self.torch.full_like(a, 1e-3), a)
+
     def start(self, a):
-        a = self.torch.where(a.abs() < 1e-3, self.torch.full_like(a, 1e-3), a)
+        a = self.away_from_zero(a)
         return a, self.scale_for(a)
 
-    def nearest_mse(self, a, s, rows=None):
+    def nearest_mse(self, a, s):
         """Squared error per row with nearest-entry codes; a, s: [..., rows]."""
-        rows = self.rows_data if rows is None else rows
+        rows = self.rows_data
         table = self.torch.nan_to_num(self.table(a, s), nan=float("inf"))
         ordered, _ = table.sort(dim=-1)
         midpoints = (ordered[..., 1:] + ordered[..., :-1]) / 2
@@ -210,8 +216,8 @@ class _Fit:
 
     def space_search(self, options: FitOptions):
         """Seed 003's space search on a coarser sketch, scored by the inverse-rounding quantizer through
-        its table (cheaper than nearest-entry codes): draw, keep the top 10%, narrow to [-(max + mean), max + mean] of the
-        kept |a|, repeat; the best draw seen wins."""
+        its table (cheaper than nearest-entry codes): draw, keep the top 10%, narrow to
+        [-(max + mean), max + mean] of the kept |a|, repeat; the best draw seen wins."""
         torch = self.torch
         index = torch.linspace(0, self.rows_data.shape[1] - 1, min(options.space_sketch, self.rows_data.shape[1]))
         coarse = self.rows_data[:, index.round().long()]
@@ -220,8 +226,7 @@ class _Fit:
         bound = torch.full((self.rows,), SPACE_START_BOUND)
         best_a, best_error = torch.ones(self.rows), torch.full((self.rows,), float("inf"))
         for _ in range(options.space_rounds):
-            draws = (torch.rand(population, self.rows) * 2 - 1) * bound
-            draws = torch.where(draws.abs() < 1e-3, torch.full_like(draws, 1e-3), draws)
+            draws = self.away_from_zero((torch.rand(population, self.rows) * 2 - 1) * bound)
             errors = self.table_loss(draws, self.scale_for(draws), coarse)
             top_errors, top = errors.topk(keep, dim=0, largest=False)
             kept = draws.gather(0, top).abs()
@@ -254,9 +259,9 @@ class _Fit:
         error = (rows - self.table(a, s).gather(-1, index)) ** 2
         return torch.nan_to_num(error.mean(dim=-1), nan=float("inf"))
 
-    def rounding_loss(self, a, s, rows=None):
+    def rounding_loss(self, a, s):
         """Per-row MSE of seed 003's quantizer: codes from the inverse, rounded (straight-through)."""
-        rows = self.rows_data if rows is None else rows
+        rows = self.rows_data
         inverse = self.f.torch(rows / s[..., None], inverse=True) / a[..., None] * self.half
         codes = inverse + (inverse.round() - inverse).detach()
         codes = codes.clamp(-self.half, self.half - 1)
@@ -285,7 +290,7 @@ class _Fit:
                 best_a = torch.where(improved, a, best_a)
                 best_s = torch.where(improved, s, best_s)
             grads = torch.autograd.grad(torch.where(finite, loss, 0.0).sum(), [a, s])
-            with torch.no_grad():
+            with torch.no_grad():  # Adam, written out: a learning rate per row (its layer's) and per schedule
                 for parameter, grad, m, v in ((a, grads[0], *moments[:2]), (s, grads[1], *moments[2:])):
                     grad = torch.nan_to_num(grad, 0.0, 0.0, 0.0)
                     m.mul_(0.9).add_(grad, alpha=0.1)

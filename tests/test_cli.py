@@ -1,4 +1,5 @@
 """The command line as a user meets it: one-line errors with exit code 2, no half-written output."""
+import json
 import subprocess
 import sys
 
@@ -114,3 +115,18 @@ def test_export_unknown_model_and_bad_choice(tmp_path):
                       "--weights must be int8, int4, intB, nl, nlB or none")
     assert_user_error(qcompile("compile", "m.onnx", "-o", tmp_path / "o", "--weights", "int9"),
                       "bits must be a range within 2..8")
+
+
+def test_compile_nonlinear_lookup_table_weights(tiny_bert, tmp_path):
+    out = tmp_path / "nl"
+    result = qcompile("compile", tiny_bert["model"], "--calib", tiny_bert["calib"], "-o", out, "--weights", "nl3",
+                      "--acts", "none", "--functions", "x,sinh", "--executor", "serial")
+    assert result.returncode == 0, result.stderr
+    assert "as packed 3-bit lookup tables" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["custom_op_library"] == "qcompile" and manifest["lut_weights"]["bits"] == 3
+    assert_user_error(qcompile("compile", tiny_bert["model"], "-o", tmp_path / "x", "--weights", "int8", "--bits", "4"),
+                      "--bits applies to lookup-table weights")
+    assert_user_error(qcompile("compile", tiny_bert["model"], "-o", tmp_path / "x", "--weights", "nl", "--bits", "4-x"),
+                      "--bits must be B or LOW-HIGH")
+    assert not (tmp_path / "x").exists()

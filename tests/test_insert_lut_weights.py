@@ -141,3 +141,18 @@ def test_lut_weights_without_a_weight_are_a_clear_error():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(qcompile.QCompileError, match="has no constant MatMul, Gemm, Conv or Gather weight"):
         qcompile.compile(model, qcompile.QuantConfig(weights="affine", acts="none", bits=4))
+
+
+def test_a_real_cnn_runs_every_conv_through_lut_dequantize(tmp_path):
+    """EfficientNet-Lite0 (pre-trained, a real PyTorch export): 49 Conv weights and the classifier."""
+    from qcompile import models
+
+    path = models.export("efficientnet-lite0", tmp_path / "model.onnx")
+    images = models.get("efficientnet-lite0").samples("eval", 4)
+    artifact = qcompile.compile(path, qcompile.QuantConfig(weights="affine", acts="none", bits=6))
+    counts = op_counts(artifact.model)
+    assert counts["LutDequantize"] == 49 and counts["LutMatMul"] == 1 and "Gemm" not in counts
+    reference = make_session(str(path)).run(None, images)[0]
+    fast, stock = (artifact.session(use_library=flag).run(None, images)[0] for flag in (True, False))
+    np.testing.assert_allclose(fast, stock, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fast.argmax(axis=1), reference.argmax(axis=1))

@@ -74,8 +74,9 @@ def laplacian_rows(rows=64, k=256, seed=0):
     return np.random.default_rng(seed).laplace(0, 0.02, (rows, k)).astype(np.float32)
 
 
-def fitted_error(name, bits, weights, options=ptnq.FitOptions()):
-    a, s = ptnq.fit_function(name, bits, ptnq.sketch(weights), np.zeros(len(weights), np.int64), options)
+def fitted_error(name, bits, weights, options=None):
+    a, s = ptnq.fit_function(name, bits, ptnq.sketch(weights), np.zeros(len(weights), np.int64),
+                             options or ptnq.FitOptions())
     q = ptnq.nonlinear_quantizer(name, bits, a, s)
     return np.mean((q.dequantize(q.encode(weights)) - weights) ** 2), (a, s)
 
