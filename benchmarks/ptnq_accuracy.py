@@ -46,10 +46,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--top-functions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("build/bench/ptnq_accuracy"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse artifacts an earlier run left in --out (their compile time is not re-measured)")
     args = parser.parse_args()
     results = {"bits": BITS, "models": {}}
     for name in args.models:
-        results["models"][name] = run_model(name, args.out / name, args.top_functions)
+        results["models"][name] = run_model(name, args.out / name, args.top_functions, args.reuse)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
@@ -59,7 +61,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_model(name: str, out: Path, top_functions: int) -> dict:
+def run_model(name: str, out: Path, top_functions: int, reuse: bool) -> dict:
     import qcompile
     from qcompile import models
     from qcompile.runtime import make_session
@@ -83,38 +85,42 @@ def run_model(name: str, out: Path, top_functions: int) -> dict:
                                                   **(extra or {})}
         log(f"{name} {method} {bits} bits: {rows[method][str(bits)]}")
 
-    functions = None
-    for bits in BITS:
-        config = qcompile.QuantConfig(weights="nl", acts="none", bits=bits, functions=functions)
+    def compiled(folder: str, config) -> tuple[Path, dict, float | None]:
+        """An artifact's model path, manifest and compile seconds (None when reused from an earlier run)."""
+        target = out / folder
+        if reuse and (target / "manifest.json").exists():
+            return target / "model.onnx", json.loads((target / "manifest.json").read_text()), None
         start = time.perf_counter()
         artifact = qcompile.compile(str(float_path), config, calib=calib)
         seconds = time.perf_counter() - start
-        artifact.save(out / f"nl{bits}", force=True)
-        summary = artifact.manifest["lut_weights"]
+        artifact.save(target, force=True)
+        return target / "model.onnx", artifact.manifest, round(seconds, 1)
+
+    functions = None
+    for bits in BITS:
+        path, manifest, seconds = compiled(f"nl{bits}", qcompile.QuantConfig(weights="nl", acts="none", bits=bits,
+                                                                             functions=functions))
+        summary = manifest["lut_weights"]
         used = sorted({layer["function"] for layer in summary["layers"]})
-        record("qcompile nl", bits, out / f"nl{bits}" / "model.onnx",
-               {"compile_seconds": round(seconds, 1), "functions_searched": len(summary["tried"][0]["per_function"]),
-                "functions_used": used})
+        record("qcompile nl", bits, path, {"compile_seconds": seconds, "functions_used": used,
+                                           "functions_searched": len(summary["tried"][0]["per_function"])})
         if functions is None:  # the whole pool ran at 4 bits: later widths search its best functions only
             ranked = sorted(summary["tried"][0]["per_function"], key=lambda f: -f["sqnr_db"])
             functions = tuple(sorted({f["function"] for f in ranked[:top_functions]} | set(used)))
         # Like for like with ONNX Runtime, which quantizes MatMul weights only.
-        config = qcompile.QuantConfig(weights="nl", acts="none", bits=bits, functions=functions, lut_ops=("MatMul",))
-        artifact = qcompile.compile(str(float_path), config, calib=calib)
-        artifact.save(out / f"nl{bits}_matmul", force=True)
-        record("qcompile nl, MatMul weights only", bits, out / f"nl{bits}_matmul" / "model.onnx")
-        artifact = qcompile.compile(str(float_path), qcompile.QuantConfig(weights="affine", acts="none", bits=bits),
-                                    calib=calib)
-        artifact.save(out / f"affine{bits}", force=True)
-        record("qcompile affine per-channel", bits, out / f"affine{bits}" / "model.onnx")
+        path, _, _ = compiled(f"nl{bits}_matmul", qcompile.QuantConfig(weights="nl", acts="none", bits=bits,
+                                                                       functions=functions, lut_ops=("MatMul",)))
+        record("qcompile nl, MatMul weights only", bits, path)
+        path, _, _ = compiled(f"affine{bits}", qcompile.QuantConfig(weights="affine", acts="none", bits=bits))
+        record("qcompile affine per-channel", bits, path)
         for label, block, algorithm in (("RTN block 32", 32, "rtn"), ("RTN block 128", 128, "rtn"), ("HQQ block 32", 32, "hqq")):
             path = out / f"ort_{algorithm}{block}_{bits}.onnx"
-            try:
-                _onnxruntime_nbits(float_path, path, bits, block, algorithm)
-            except Exception as error:  # noqa: BLE001 - a method that does not run is a table entry, not a crash
+            try:  # a method that does not quantize or load at this width is a table entry, not a crash
+                if not (reuse and path.exists()):
+                    _onnxruntime_nbits(float_path, path, bits, block, algorithm)
+                record(f"onnxruntime {label}", bits, path, {"quantized_matmuls": _count(path, "MatMulNBits")})
+            except Exception as error:  # noqa: BLE001
                 rows.setdefault(f"onnxruntime {label}", {})[str(bits)] = {"error": str(error).splitlines()[0][:120]}
-                continue
-            record(f"onnxruntime {label}", bits, path, {"quantized_matmuls": _count(path, "MatMulNBits")})
     latency_feed = {k: v[:1] for k, v in evaluation.items()}
     latency = {"float": median_ms(make_session(str(float_path), threads=THREADS), latency_feed),
                "qcompile nl4, library": median_ms(make_session(str(out / "nl4" / "model.onnx"), threads=THREADS,
@@ -210,7 +216,7 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         nl4 = result["rows"]["qcompile nl"]["4"]
         lines += ["", f"4-bit pool search: {nl4['functions_searched']} functions in {nl4['compile_seconds']} s "
-                      f"(whole compile); functions used: {', '.join(nl4['functions_used'])}.",
+                      f"(whole compile, 2 worker processes); functions used: {', '.join(nl4['functions_used'])}.",
                   "Batch-1 latency (ms, 2 threads): " + ", ".join(f"{k} {v}" for k, v in result["latency_ms_batch1"].items()),
                   ""]
     return "\n".join(lines) + "\n"

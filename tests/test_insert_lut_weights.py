@@ -156,3 +156,13 @@ def test_a_real_cnn_runs_every_conv_through_lut_dequantize(tmp_path):
     fast, stock = (artifact.session(use_library=flag).run(None, images)[0] for flag in (True, False))
     np.testing.assert_allclose(fast, stock, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(fast.argmax(axis=1), reference.argmax(axis=1))
+
+
+def test_lut_ops_limits_which_weights_become_tables():
+    config = qcompile.QuantConfig(weights="affine", acts="none", bits=4, lut_ops=("MatMul",))
+    artifact = qcompile.compile(linear_model(), config)
+    counts = op_counts(artifact.model)
+    assert counts["LutMatMul"] == 1 and counts["Gemm"] == 1
+    assert [layer["tensor"] for layer in artifact.manifest["lut_weights"]["layers"]] == ["w_matmul"]
+    with pytest.raises(qcompile.QCompileError, match="lut_ops must be a non-empty subset"):
+        qcompile.QuantConfig(weights="nl", lut_ops=("Attention",))
