@@ -8,7 +8,7 @@ bytes over a read bandwidth measured here in the same run. An 8.4 MB nl4 weight 
 cache between runs, so batch 1 is also timed "cold": eight different weights per run (67 MB of
 codes, more than the cache), time per MatMul.
 
-    .venv/bin/python benchmarks/lut_matmul.py      # ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/lut_matmul.py      # ~1 minute on 2 cores
 """
 from __future__ import annotations
 

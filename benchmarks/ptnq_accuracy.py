@@ -17,7 +17,7 @@ Methods, activations float:
 * ONNX Runtime MatMulNBits (RTN, symmetric, block 32 and 128) and HQQ (block 32) where they run:
   they quantize MatMul weights only (EfficientNet's convolutions stay float).
 
-    .venv/bin/python benchmarks/ptnq_accuracy.py      # ~40 minutes on 2 cores
+    .venv/bin/python benchmarks/ptnq_accuracy.py      # ~60 minutes on 2 cores
 """
 from __future__ import annotations
 
