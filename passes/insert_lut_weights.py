@@ -1,6 +1,6 @@
 """InsertLutWeights: weights become packed B-bit codes read through a per-row lookup table.
 
-Pattern -> rewrite (W a constant float weight, q its fitted quantizer in context.lut):
+Pattern -> rewrite (W a constant float weight, encoded in context.lut: its quantizer and codes):
     MatMul(X, W[K, N])                 ->  qcompile.LutMatMul(X, codes, table)
     Gemm(X, W, C) (alpha = beta = 1)   ->  qcompile.LutMatMul(X, codes, table) -> Add(C)
     Conv(X, W[O, I, kh, kw], ...)      ->  Conv(X, Reshape(qcompile.LutDequantize(codes, table)), ...)
@@ -111,10 +111,10 @@ class InsertLutWeights:
         graph = context.graph
         nodes = {node.name: node for node in graph.nodes}
         weights = {w.tensor: w for w in find_lut_weights(graph)}
-        for tensor, quantizer in context.lut.items():
-            weight = weights[tensor]
+        for tensor, encoded in context.lut.items():
+            weight, quantizer = weights[tensor], encoded.quantizer
             node = nodes[weight.node]
-            codes = gs.Constant(f"{tensor}_codes", lut.pack_codes(quantizer.encode(weight.rows), quantizer.bits))
+            codes = gs.Constant(f"{tensor}_codes", lut.pack_codes(encoded.codes, quantizer.bits))
             table = self._table(graph, tensor, quantizer)
             attrs = {"bits": quantizer.bits, "k": int(weight.rows.shape[1])}
             if node.op in ("MatMul", "Gemm"):

@@ -106,13 +106,13 @@ def _choose_lut_weights(context: CompileContext, reference: onnx.ModelProto, inp
     elif config.target_sqnr is not None:
         raise QCompileError("--target-sqnr is measured on calibration data: give --calib")
     choice, tried = lut_search.choose(weights, config, probe)
-    context.lut = choice.quantizers
+    context.lut = choice.encoded
     quantized_nodes = {w.node for w in weights}
     context.plan.skipped = [s for s in context.plan.skipped if s.node not in quantized_nodes]
     layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
-               "k": int(w.rows.shape[1]), "bits": choice.bits, "function": choice.quantizers[w.tensor].function,
-               "blocks": int(choice.quantizers[w.tensor].table.shape[1]),
-               "mse": lut_search.Encoded.of(w, choice.quantizers[w.tensor]).mse} for w in weights]
+               "k": int(w.rows.shape[1]), "bits": choice.bits, "function": choice.encoded[w.tensor].quantizer.function,
+               "blocks": int(choice.encoded[w.tensor].quantizer.table.shape[1]), "mse": choice.encoded[w.tensor].mse}
+              for w in weights]
     summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db,
                "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
                "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function} for c in tried],
@@ -120,9 +120,9 @@ def _choose_lut_weights(context: CompileContext, reference: onnx.ModelProto, inp
     samples = []
     for w in weights[:: max(1, len(weights) // 4)][:4]:  # a few layers, spread over the model
         row = int(np.abs(w.rows).max(axis=1).argmax())  # the row with the widest range
-        quantizer = choice.quantizers[w.tensor]
-        values = quantizer.dequantize(quantizer.encode(w.rows))[row]
-        samples.append((f"{w.tensor} row {row} ({quantizer.function or 'affine'})", w.rows[row], values))
+        encoded = choice.encoded[w.tensor]
+        values = encoded.quantizer.dequantize(encoded.codes[row:row + 1])[0]
+        samples.append((f"{w.tensor} row {row} ({encoded.quantizer.function or 'affine'})", w.rows[row], values))
     return summary, quantized_nodes, (report.sorted_weights_figure(samples),)
 
 

@@ -13,9 +13,8 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from .config import EXECUTOR_NAMES
 from .errors import QCompileError
-
-EXECUTORS = ("local", "serial", "ray")
 
 
 def _one_thread_per_worker() -> None:
@@ -85,4 +84,4 @@ def make_executor(name: str, workers: int | None = None, address: str | None = N
         return LocalExecutor(workers)
     if name == "ray":
         return RayExecutor(address)
-    raise QCompileError(f"executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
+    raise QCompileError(f"executor must be one of {', '.join(EXECUTOR_NAMES)}; got {name!r}")

@@ -17,7 +17,6 @@ import onnx
 from onnx import TensorProto, helper
 
 DOMAIN = "qcompile"
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def packed_row_bytes(k: int, bits: int) -> int:
@@ -43,14 +42,6 @@ def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     stream = np.unpackbits(packed, axis=1, bitorder="little")[:, : k * bits]
     planes = stream.reshape(packed.shape[0], k, bits).astype(np.int64)
     return (planes << np.arange(bits)).sum(axis=2)
-
-
-def dequantize_reference(packed: np.ndarray, table: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """NumPy reference for LutDequantize: W[n, i] = table[n, i // (k/G), code[n, i]]."""
-    codes = unpack_codes(packed, bits, k)
-    block = k // table.shape[1]
-    return np.take_along_axis(table.reshape(table.shape[0], -1),
-                              (np.arange(k) // block) * table.shape[2] + codes, axis=1).astype(np.float32)
 
 
 def _attribute_ref(name: str) -> onnx.AttributeProto:

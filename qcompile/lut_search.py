@@ -43,6 +43,7 @@ class SqnrProbe:
         self.session = make_session(probe)
         self.weights, self.feeds = weights, feeds
         self.reference = self._run({})
+        self.signal = sum(float(np.sum(r**2)) for r in self.reference)
 
     def _run(self, replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
         weights = {**self.weights, **replaced}
@@ -50,10 +51,8 @@ class SqnrProbe:
                 for output in self.session.run(None, {**feed, **weights})]
 
     def __call__(self, replaced: dict[str, np.ndarray]) -> float:
-        outputs = self._run(replaced)
-        signal = sum(float(np.sum(r**2)) for r in self.reference)
-        noise = sum(float(np.sum((r - o) ** 2)) for r, o in zip(self.reference, outputs))
-        return decibels(signal, noise) if np.isfinite(noise) else float("-inf")
+        noise = sum(float(np.sum((r - o) ** 2)) for r, o in zip(self.reference, self._run(replaced)))
+        return decibels(self.signal, noise) if np.isfinite(noise) else float("-inf")
 
 
 @dataclass
@@ -61,7 +60,7 @@ class Choice:
     """The quantizers chosen at one bit width, and how they scored."""
 
     bits: int
-    quantizers: dict[str, Quantizer]
+    encoded: dict[str, Encoded]  # per weight tensor: its quantizer, codes and weight MSE
     sqnr_db: float | None
     per_function: list[dict]  # {"function", "sqnr_db", "mse"} for the per-model candidates
 
@@ -91,7 +90,7 @@ def choose(weights, config: QuantConfig, probe: SqnrProbe | None,
     if config.weights == "affine":
         chosen = {w.tensor: Encoded.of(w, affine_quantizer(w.rows, high, _block_for(w, config.block))) for w in weights}
         score = probe({w.tensor: chosen[w.tensor].weight(w) for w in weights}) if probe else None
-        choice = Choice(high, {t: e.quantizer for t, e in chosen.items()}, score, [])
+        choice = Choice(high, chosen, score, [])
         return choice, [choice]
     options = options or FitOptions()
     executor = make_executor(config.executor, config.workers)
@@ -110,7 +109,7 @@ def choose(weights, config: QuantConfig, probe: SqnrProbe | None,
             chosen, score = _per_layer(weights, candidates, chosen, score, probe)
         per_function = [{"function": name, "sqnr_db": scores[name] if probe else None,
                          "mse": float(np.mean([e.mse for e in encoded.values()]))} for name, encoded in candidates.items()]
-        tried.append(Choice(bits, {t: e.quantizer for t, e in chosen.items()}, score if probe else None, per_function))
+        tried.append(Choice(bits, chosen, score if probe else None, per_function))
         if config.target_sqnr is None:
             continue
         alive = [name for name in alive if scores[name] >= config.target_sqnr]

@@ -23,7 +23,7 @@ class CompileContext:
     config: QuantConfig
     plan: QuantPlan = field(default_factory=QuantPlan)
     notes: list[dict] = field(default_factory=list)  # what passes found, or why a pattern did not match
-    lut: dict = field(default_factory=dict)  # weight tensor -> its fitted ptnq.Quantizer (lookup-table weights)
+    lut: dict = field(default_factory=dict)  # weight tensor -> lut_search.Encoded: its quantizer and codes
 
     def note(self, pass_name: str, node: str, message: str) -> None:
         self.notes.append({"pass": pass_name, "node": node, "note": message})
