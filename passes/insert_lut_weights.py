@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile import lut
-from qcompile.functions import ELEMENTARY, Backend, lower
+from qcompile.lut import DOMAIN as LUT_DOMAIN, packing
+from qcompile.lut.functions import ELEMENTARY, Backend, lower
 from qcompile.pipeline import CompileContext, PassResult
 
 
@@ -114,14 +114,14 @@ class InsertLutWeights:
         for tensor, encoded in context.lut.items():
             weight, quantizer = weights[tensor], encoded.quantizer
             node = nodes[weight.node]
-            codes = gs.Constant(f"{tensor}_codes", lut.pack_codes(encoded.codes, quantizer.bits))
+            codes = gs.Constant(f"{tensor}_codes", packing.pack_codes(encoded.codes, quantizer.bits))
             table = self._table(graph, tensor, quantizer)
             attrs = {"bits": quantizer.bits, "k": int(weight.rows.shape[1])}
             if node.op in ("MatMul", "Gemm"):
                 self._matmul(graph, node, codes, table, attrs)
             elif node.op == "Conv":
                 shape = gs.Constant(f"{tensor}_shape", np.array(node.inputs[1].shape, dtype=np.int64))
-                dequantized = _op(graph, "LutDequantize", f"{tensor}_lut", [codes, table], attrs, lut.DOMAIN)
+                dequantized = _op(graph, "LutDequantize", f"{tensor}_lut", [codes, table], attrs, LUT_DOMAIN)
                 node.inputs[1] = _op(graph, "Reshape", f"{tensor}_reshaped", [dequantized, shape])
             else:
                 self._gather(graph, node, codes, table, attrs)
@@ -140,7 +140,7 @@ class InsertLutWeights:
         output = node.outputs[0]
         bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
         product = output if bias is None else gs.Variable(f"{output.name}_lut_matmul", dtype=np.float32)
-        graph.nodes.append(gs.Node("LutMatMul", f"{node.name}_lut", attrs=attrs, domain=lut.DOMAIN,
+        graph.nodes.append(gs.Node("LutMatMul", f"{node.name}_lut", attrs=attrs, domain=LUT_DOMAIN,
                                    inputs=[node.inputs[0], codes, table], outputs=[product]))
         if bias is not None:
             graph.nodes.append(gs.Node("Add", f"{node.name}_bias", inputs=[product, bias], outputs=[output]))
@@ -155,7 +155,7 @@ class InsertLutWeights:
                    dtype=np.int64)
         rows = _op(graph, "Gather", f"{name}_codes", [codes, flat], {"axis": 0}, dtype=np.uint8)
         tables = _op(graph, "Gather", f"{name}_tables", [table, flat], {"axis": 0})
-        values = _op(graph, "LutDequantize", f"{name}_lut", [rows, tables], attrs, lut.DOMAIN)
+        values = _op(graph, "LutDequantize", f"{name}_lut", [rows, tables], attrs, LUT_DOMAIN)
         width = gs.Constant(f"{name}_width", np.array([attrs["k"]], np.int64))
         shape = _op(graph, "Concat", f"{name}_shape", [_op(graph, "Shape", f"{name}_ids_shape", [ids], dtype=np.int64),
                                                          width], {"axis": 0}, dtype=np.int64)

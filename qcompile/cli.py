@@ -98,7 +98,7 @@ def _bit_range(text: str) -> tuple[int, int]:
               help="ONNX Runtime's C/C++ include folder (default: $QCOMPILE_ORT_INCLUDE, else Debian's headers).")
 def build_ops(include):
     """Build qcompile's ONNX Runtime custom-op library from csrc/."""
-    from . import ops
+    from .lut import ops
 
     click.echo(f"built {ops.build_library(include)}")
 

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, calibration, lut, lut_search, report
+from . import __version__, calibration, report
+from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
 from .artifact import Artifact
 from .config import QuantConfig
 from .data import batched, iterate_feeds, model_input_specs, split_holdout
@@ -87,7 +88,7 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
         "plan": _plan_summary(plan),
         "lut_weights": lut_summary,
         "verification": verification,
-        "custom_op_library": lut.DOMAIN if config.lut_weights else None,
+        "custom_op_library": LUT_DOMAIN if config.lut_weights else None,
     }
     return Artifact(quantized, manifest, report.render(manifest, figures))
 

@@ -31,7 +31,7 @@ class QuantConfig:
     block: affine block size along the input dimension (None: per output channel).
     target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
     function_depth: PTNQ pool depth: 0 = the primitives, 1 = also their compositions f(g(x)).
-    functions: search only these pool functions (names as in qcompile.functions; None: the whole pool).
+    functions: search only these pool functions (names as in qcompile.lut.functions; None: the whole pool).
     lut_ops: which ops' weights become lookup tables (Gather: embedding tables).
     select: choose the PTNQ function per "model" (seed 003) or per "layer" (greedy, from the best
         per-model choice, kept only where the output SQNR improves).
@@ -93,7 +93,7 @@ class QuantConfig:
             raise QCompileError(f"function_depth must be 0 or 1, got {self.function_depth}")
         if self.functions is not None:
             object.__setattr__(self, "functions", tuple(self.functions))
-            from .functions import pool  # SymPy: imported only when a pool is asked for
+            from .lut.functions import pool  # SymPy: imported only when a pool is asked for
 
             known = {f.name for f in pool(self.function_depth)}
             unknown = [name for name in self.functions if name not in known]

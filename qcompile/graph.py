@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from . import lut
+from .lut import DOMAIN as LUT_DOMAIN, packing
 from .errors import QCompileError
 
 
@@ -44,8 +44,8 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.producer_name, model.producer_version = like.producer_name, like.producer_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
-    if any(node.domain == lut.DOMAIN for node in model.graph.node):
-        lut.add_functions(model)
+    if any(node.domain == LUT_DOMAIN for node in model.graph.node):
+        packing.add_functions(model)
     check_rewritten(model)
     return model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from . import lut, ops
+from .lut import DOMAIN as LUT_DOMAIN, ops
 
 # Fixed thread count for calibration and verification: results must not depend on the machine.
 DETERMINISTIC_THREADS = 2
@@ -31,7 +31,7 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
 def _uses_custom_ops(model: onnx.ModelProto | str) -> bool:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(model, load_external_data=False)
-    return any(o.domain == lut.DOMAIN for o in model.opset_import)
+    return any(o.domain == LUT_DOMAIN for o in model.opset_import)
 
 
 def with_extra_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

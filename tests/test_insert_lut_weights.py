@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import qcompile
-from qcompile import ptnq
+from qcompile.lut import ptnq
 from qcompile.artifact import Artifact
 from qcompile.graph import to_graph
 from qcompile.passes.insert_lut_weights import find_lut_weights

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from qcompile import lut, ops
+from qcompile.lut import DOMAIN as LUT_DOMAIN, ops, packing
 from qcompile.errors import QCompileError
 from qcompile.runtime import make_session
 
@@ -27,14 +27,14 @@ def reference_weight(codes, table):
 def lut_model(packed, table, bits, k, x_shape, overrides=None):
     """One LutMatMul and one LutDequantize node over the same packed weight."""
     attrs = {name: value for name, value in {"bits": bits, "k": k, **(overrides or {})}.items() if value is not None}
-    nodes = [helper.make_node("LutMatMul", ["X", "packed", "table"], ["Y"], domain=lut.DOMAIN, **attrs),
-             helper.make_node("LutDequantize", ["packed", "table"], ["W"], domain=lut.DOMAIN, **attrs)]
+    nodes = [helper.make_node("LutMatMul", ["X", "packed", "table"], ["Y"], domain=LUT_DOMAIN, **attrs),
+             helper.make_node("LutDequantize", ["packed", "table"], ["W"], domain=LUT_DOMAIN, **attrs)]
     graph = helper.make_graph(
         nodes, "lut", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None), helper.make_tensor_value_info("W", TensorProto.FLOAT, None)],
         [onnx.numpy_helper.from_array(packed, "packed"), onnx.numpy_helper.from_array(table, "table")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    lut.add_functions(model)
+    packing.add_functions(model)
     return model
 
 
@@ -43,21 +43,21 @@ def lut_model(packed, table, bits, k, x_shape, overrides=None):
 def test_pack_unpack_round_trip_and_layout(bits, k):
     rng = np.random.default_rng(bits * 100 + k)
     codes = rng.integers(0, 1 << bits, (5, k))
-    packed = lut.pack_codes(codes, bits)
+    packed = packing.pack_codes(codes, bits)
     assert packed.shape == (5, (k * bits + 7) // 8) and packed.dtype == np.uint8
-    np.testing.assert_array_equal(lut.unpack_codes(packed, bits, k), codes)
+    np.testing.assert_array_equal(packing.unpack_codes(packed, bits, k), codes)
     # Bit i*bits + j of a row is bit j of code i, little-endian within each byte.
     stream = np.unpackbits(packed, axis=1, bitorder="little")
     np.testing.assert_array_equal(stream[:, 1:bits], (codes[:, :1] >> np.arange(1, bits)) & 1)
 
 
 def test_four_bit_codes_share_a_byte_low_nibble_first():
-    np.testing.assert_array_equal(lut.pack_codes(np.array([[1, 2, 15]]), 4), [[0x21, 0x0F]])
+    np.testing.assert_array_equal(packing.pack_codes(np.array([[1, 2, 15]]), 4), [[0x21, 0x0F]])
 
 
 def test_pack_rejects_codes_out_of_range():
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
-        lut.pack_codes(np.array([[16]]), 4)
+        packing.pack_codes(np.array([[16]]), 4)
 
 
 # (n, k, bits, blocks): 4-bit with 16-multiple blocks takes the AVX-512 path, the rest the portable one.
@@ -71,7 +71,7 @@ def test_lut_ops_match_numpy(n, k, bits, blocks, use_library):
     rng = np.random.default_rng(n * k + bits)
     codes, table = random_weights(rng, n, k, bits, blocks)
     weight = reference_weight(codes, table)
-    model = lut_model(lut.pack_codes(codes, bits), table, bits, k, ["batch", "seq", k])
+    model = lut_model(packing.pack_codes(codes, bits), table, bits, k, ["batch", "seq", k])
     session = make_session(model, use_library=use_library)
     for shape in [(1, 1, k), (2, 3, k), (1, 17, k), (0, 2, k)]:
         x = rng.standard_normal(shape).astype(np.float32)
@@ -84,7 +84,7 @@ def test_lut_ops_match_numpy(n, k, bits, blocks, use_library):
 def test_library_and_fallback_agree_on_a_large_gemv():
     rng = np.random.default_rng(0)
     codes, table = random_weights(rng, 512, 1024, 4, 1)
-    model = lut_model(lut.pack_codes(codes, 4), table, 4, 1024, [1, 1024])
+    model = lut_model(packing.pack_codes(codes, 4), table, 4, 1024, [1, 1024])
     x = rng.standard_normal((1, 1024)).astype(np.float32)
     fast = make_session(model, use_library=True).run(["Y"], {"X": x})[0]
     stock = make_session(model, use_library=False).run(["Y"], {"X": x})[0]
@@ -107,7 +107,7 @@ def run_library(model, x):
 def test_library_rejects_malformed_weights(change, message):
     rng = np.random.default_rng(1)
     codes, table = random_weights(rng, 4, 20, 4, 2)
-    packed, table = change(lut.pack_codes(codes, 4), table)
+    packed, table = change(packing.pack_codes(codes, 4), table)
     with pytest.raises(Exception, match=message) as raised:
         run_library(lut_model(packed, table, 4, 20, ["batch", 20]), np.ones((1, 20), np.float32))
     assert isinstance(raised.value, (ort.capi.onnxruntime_pybind11_state.Fail,
@@ -121,19 +121,19 @@ def test_library_rejects_malformed_weights(change, message):
 def test_library_rejects_bad_attributes(attrs, message):
     codes, table = random_weights(np.random.default_rng(2), 4, 20, 4, 1)
     with pytest.raises(Exception, match=message):
-        run_library(lut_model(lut.pack_codes(codes, 4), table, 4, 20, ["batch", 20], attrs), np.ones((1, 20), np.float32))
+        run_library(lut_model(packing.pack_codes(codes, 4), table, 4, 20, ["batch", 20], attrs), np.ones((1, 20), np.float32))
 
 
 def test_library_rejects_an_input_of_the_wrong_width():
     codes, table = random_weights(np.random.default_rng(3), 4, 20, 4, 1)
-    model = lut_model(lut.pack_codes(codes, 4), table, 4, 20, ["batch", "width"])
+    model = lut_model(packing.pack_codes(codes, 4), table, 4, 20, ["batch", "width"])
     with pytest.raises(Exception, match=r"input X has shape \[1, 21\]; its last dimension must be k = 20"):
         run_library(model, np.ones((1, 21), np.float32))
 
 
 def test_library_rejects_codes_of_the_wrong_dtype():
     codes, table = random_weights(np.random.default_rng(4), 4, 20, 4, 1)
-    model = lut_model(lut.pack_codes(codes, 4).astype(np.int8), table, 4, 20, ["batch", 20])
+    model = lut_model(packing.pack_codes(codes, 4).astype(np.int8), table, 4, 20, ["batch", 20])
     with pytest.raises(Exception, match="(?i)type"):
         run_library(model, np.ones((1, 20), np.float32))
 

@@ -5,8 +5,8 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from qcompile import functions, ptnq
-from qcompile.executors import LocalExecutor, SerialExecutor
+from qcompile.lut import functions, ptnq
+from qcompile.lut.executors import LocalExecutor, SerialExecutor
 from qcompile.passes.insert_lut_weights import OnnxBackend
 from qcompile.runtime import make_session
 
@@ -122,7 +122,7 @@ def test_local_pool_and_serial_executors_return_identical_fits():
 
 def test_ray_executor_returns_the_same_fits():
     pytest.importorskip("ray")
-    from qcompile.executors import RayExecutor
+    from qcompile.lut.executors import RayExecutor
 
     weights = laplacian_rows(rows=16, k=64)
     tasks = [(name, 3, ptnq.sketch(weights), np.zeros(16, np.int64), ptnq.FitOptions(space_rounds=3, steps=5))

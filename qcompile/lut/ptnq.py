@@ -25,7 +25,7 @@ import sympy as sp
 
 from . import functions
 from .functions import Backend, lower
-from .numerics import IntGrid, mse_params
+from ..numerics import IntGrid, mse_params
 
 c, a, s, scale, zero = sp.symbols("c a s scale zero", real=True)
 SCHEDULES = ("linear", "cosine", "constant")

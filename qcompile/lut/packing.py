@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-DOMAIN = "qcompile"
+from . import DOMAIN
 
 
 def packed_row_bytes(k: int, bits: int) -> int:

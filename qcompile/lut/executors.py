@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from .config import EXECUTOR_NAMES
-from .errors import QCompileError
+from ..config import EXECUTOR_NAMES
+from ..errors import QCompileError
 
 
 def _one_thread_per_worker() -> None:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import QCompileError
+from ..errors import QCompileError
 
 HEADER_ENV = "QCOMPILE_ORT_INCLUDE"
 LIBRARY_ENV = "QCOMPILE_OPS_LIBRARY"
 HEADER_FILE = "onnxruntime_lite_custom_op.h"
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "qcompile_ops.cc"
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "qcompile_ops.cc"
 DEBIAN_PACKAGE, DEBIAN_SUITE = "libonnxruntime-dev", "trixie"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
@@ -37,7 +37,7 @@ def library_path() -> Path:
     """Where the built library lives ($QCOMPILE_OPS_LIBRARY overrides)."""
     if os.environ.get(LIBRARY_ENV):
         return Path(os.environ[LIBRARY_ENV])
-    return Path(__file__).resolve().parent / "_native" / "libqcompile_ops.so"
+    return Path(__file__).resolve().parents[1] / "_native" / "libqcompile_ops.so"
 
 
 def library_available() -> bool:

@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 
 from . import functions
-from .config import QuantConfig
-from .errors import QCompileError
+from ..config import QuantConfig
+from ..errors import QCompileError
 from .executors import make_executor
-from .numerics import decibels
+from ..numerics import decibels
 from .ptnq import FitOptions, Quantizer, affine_quantizer, fit_function, nonlinear_quantizer, sketch
-from .runtime import make_session
+from ..runtime import make_session
 
 
 class SqnrProbe:
