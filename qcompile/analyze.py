@@ -24,7 +24,8 @@ from .calibration import StreamingHistogram  # noqa: E402
 from .data import batched, iterate_feeds, model_input_specs  # noqa: E402
 from .errors import QCompileError  # noqa: E402
 from .graph import load_model  # noqa: E402
-from .artifact import staged_directory  # noqa: E402
+from . import __version__  # noqa: E402
+from .artifact import MANIFEST_FILE, MARKER, staged_directory  # noqa: E402
 from .report import HTML_HEAD, svg, table  # noqa: E402
 from .runtime import make_session, with_extra_outputs  # noqa: E402
 
@@ -116,9 +117,11 @@ def _summarise(node, name: str, moments: StreamingMoments, histogram: StreamingH
                           moments.std, moments.kurtosis, float(counts[far].sum() / counts.sum()))
 
 
-def write_report(analysis: Analysis, directory: str | Path, force: bool = False) -> Path:
-    """outliers.json and report.html: per-tensor max |x| and kurtosis, the worst tensor's histogram."""
-    with staged_directory(directory, force) as staging:
+def write_report(analysis: Analysis, directory: str | Path, force: bool = False, inputs=()) -> Path:
+    """outliers.json and report.html: per-tensor max |x| and kurtosis, the worst tensor's histogram;
+    manifest.json marks the folder as qcompile's, so --force may replace it later."""
+    with staged_directory(directory, force, inputs) as staging:
+        (staging / MANIFEST_FILE).write_text(json.dumps({MARKER: __version__, "kind": "analysis"}) + "\n")
         (staging / "outliers.json").write_text(json.dumps([asdict(t) for t in analysis.tensors], indent=2) + "\n")
         (staging / "report.html").write_text(_render(analysis))
     return Path(directory)

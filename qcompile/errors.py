@@ -1,5 +1,15 @@
-"""The one exception type that means "the user gave us something wrong"."""
+"""Two kinds of failure, told apart by exit code: the user's input (2) and a bug of ours (3)."""
 
 
 class QCompileError(Exception):
     """Bad input: the CLI prints it as one line and exits with code 2, never a traceback."""
+
+
+class InternalError(Exception):
+    """A failure inside qcompile (a bug of ours), named by where it happened: the CLI prints one
+    line and exits with code 3; `qcompile --debug` also prints the traceback of the cause."""
+
+    def __init__(self, where: str, cause: BaseException):
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"{where}: {type(cause).__name__}{': ' + detail if detail else ''}")
+        self.where = where

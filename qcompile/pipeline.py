@@ -8,7 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .config import QuantConfig
-from .errors import QCompileError
+from .errors import InternalError, QCompileError
 from .graph import to_graph, to_model
 from .plan import QuantPlan
 
@@ -67,7 +67,21 @@ class Pipeline:
             except QCompileError:
                 raise
             except Exception as error:
+                node = _failing_node(error)
                 ran = ", ".join(r.name for r in records) or "none"
-                raise RuntimeError(f"pass {graph_pass.name} failed (passes before it: {ran}): {error}") from error
+                where = f"pass {graph_pass.name}{f' at node {node}' if node else ''} (passes before it: {ran})"
+                raise InternalError(where, error) from error
             records.append(PassRecord(graph_pass.name, result.changed, result.summary))
         return records
+
+
+def _failing_node(error: BaseException) -> str | None:
+    """The name of the innermost graph node a failing pass was working on, read from the
+    traceback's frames, so no pass has to track it."""
+    traceback, found = error.__traceback__, None
+    while traceback is not None:
+        for value in traceback.tb_frame.f_locals.values():
+            if isinstance(value, gs.Node):
+                found = value.name
+        traceback = traceback.tb_next
+    return found

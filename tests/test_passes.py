@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.config import QuantConfig
+from qcompile.errors import InternalError
 from qcompile.numerics import INT8_SYMMETRIC, UINT8, fake_quantize
 from qcompile.passes import DequantizeAfterGather, InsertQDQ, NormalizeGraph, PlanW8A8
 from qcompile.pipeline import CompileContext, PassResult, Pipeline
@@ -124,8 +125,25 @@ def test_pipeline_names_the_failing_pass_and_those_before_it(rng):
             return PassResult(1, "broke it")
 
     context = CompileContext.from_model(attention_like_model(rng), QuantConfig())
-    with pytest.raises(RuntimeError, match=r"pass broken failed \(passes before it: normalize-graph\)"):
+    with pytest.raises(InternalError, match=r"^pass broken \(passes before it: normalize-graph\): ValidationError: "
+                                            r"Node\(MatMul_0\)"):
         Pipeline([NormalizeGraph(), Broken()]).run(context)
+
+
+def test_pipeline_names_the_node_a_failing_pass_was_at(rng):
+    class Crashing:
+        name = "crashing"
+
+        def run(self, context):
+            for node in context.graph.nodes:
+                if node.op == "Softmax":
+                    return PassResult(len(node.inputs[7]), "")  # an index error of ours
+            return PassResult(0, "")
+
+    context = CompileContext.from_model(attention_like_model(rng), QuantConfig())
+    with pytest.raises(InternalError, match=r"^pass crashing at node softmax \(passes before it: normalize-graph\): "
+                                            r"IndexError: list index out of range$"):
+        Pipeline([NormalizeGraph(), Crashing()]).run(context)
 
 
 def gather_model(table_codes, scale, channel_axis, gather_axis, indices_shape):
