@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import click
 import numpy as np
 
 from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, EXECUTOR_NAMES, SELECTIONS, QuantConfig
-from .errors import QCompileError
+from .errors import InternalError, QCompileError
+
+# Where more than this share of the linear compute stays float, the summary says so loudly.
+FLOAT_SHARE_WARNING = 0.25
 
 
 @click.group()
 @click.version_option(package_name="qcompile")
-def cli() -> None:
-    """Ahead-of-time quantization compiler for ONNX models."""
+@click.option("--debug", is_flag=True, help="On an internal error, print the full traceback.")
+@click.pass_obj
+def cli(settings: dict, debug: bool) -> None:
+    """Ahead-of-time quantization compiler for ONNX models.
+
+    Exit codes: 0 done, 2 a problem with the input (one line), 3 an internal error (one line;
+    --debug prints the traceback).
+    """
+    settings["debug"] = debug
 
 
 @cli.command()
@@ -49,10 +60,10 @@ def cli() -> None:
 def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr, functions, lut_ops, function_depth, select,
             executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
+    from .artifact import check_output
     from .compiler import compile as compile_model
 
-    if output.exists() and not force:  # fail before the slow part
-        raise QCompileError(f"{output}: output directory exists (use --force to replace it)")
+    check_output(output, force, inputs=(model, calib, verify_data))  # fail before the slow part
     weights, bit_range = _weight_format(weights, bits, block, acts)
     config = QuantConfig(weights=weights, acts=acts, calib_method=calib_method, percentile=percentile,
                          quantize_attention=not no_attention, quantize_residual_adds=not no_residual, bits=bit_range,
@@ -119,9 +130,18 @@ def run(artifact, inputs, outputs):
     except Exception as error:
         raise QCompileError(f"{inputs}: not a readable .npz file ({error})") from None
     feed = check_feed(feed, model_input_specs(loaded.model), str(inputs))
-    session = loaded.session()
-    names = [output.name for output in session.get_outputs()]
-    np.savez(outputs, **dict(zip(names, session.run(names, feed))))
+    try:
+        session = loaded.session()
+        names = [output.name for output in session.get_outputs()]
+        results = session.run(names, feed)
+    except QCompileError:
+        raise
+    except Exception as error:  # onnxruntime's own exception types: a model it rejects, data it cannot run
+        raise QCompileError(f"{artifact}: ONNX Runtime cannot run it: {str(error).strip().splitlines()[0]}") from None
+    try:
+        np.savez(outputs, **dict(zip(names, results)))
+    except OSError as error:
+        raise QCompileError(f"{outputs}: cannot write ({error.strerror or error})") from None
     click.echo(f"wrote {', '.join(names)} to {outputs}")
 
 
@@ -134,10 +154,11 @@ def analyze(model, calib, output, force):
     """Outlier report for MODEL: per-tensor max |x|, kurtosis and share beyond 6 std."""
     from .analyze import analyze as analyze_model, write_report
 
-    if output.exists() and not force:
-        raise QCompileError(f"{output}: output directory exists (use --force to replace it)")
+    from .artifact import check_output
+
+    check_output(output, force, inputs=(model, calib))
     analysis = analyze_model(model, calib)
-    write_report(analysis, output, force=force)
+    write_report(analysis, output, force=force, inputs=(model, calib))
     click.echo(f"wrote {output}/report.html; largest max |x| / std:")
     worst = sorted(analysis.tensors, key=lambda t: -(t.max_abs / t.std if t.std else 0.0))[:5]
     click.echo(f"  {'tensor':<32} {'op':<20} {'max |x|':>9} {'std':>9} {'kurtosis':>9}")
@@ -165,15 +186,22 @@ def export(name, output, calib_out, eval_out, calib_samples, eval_samples):
     models.get(name)
     models.export(name, output)
     click.echo(f"exported {name} to {output}")
-    if calib_out:
-        models.write_samples(name, "calib", calib_samples, calib_out)
-        click.echo(f"wrote {calib_samples} calibration samples to {calib_out}")
-    if eval_out:
-        models.write_samples(name, "eval", eval_samples, eval_out)
-        click.echo(f"wrote {eval_samples} evaluation samples to {eval_out}")
+    for path, split, count, what in ((calib_out, "calib", calib_samples, "calibration"),
+                                     (eval_out, "eval", eval_samples, "evaluation")):
+        if path:
+            archive = np.load(models.write_samples(name, split, count, path))
+            written = len(archive[archive.files[0]])
+            fewer = f" (asked for {count}; the model's data holds {written})" if written < count else ""
+            click.echo(f"wrote {written} {what} samples to {path}{fewer}")
 
 
 def _print_summary(manifest: dict, output: Path) -> None:
+    opset = manifest["intake"]["opset"]
+    if opset["from"] != opset["to"]:
+        check = opset["check"]
+        checked = (f"outputs match within {check['max_abs_diff']:.2g} on {check['samples']} samples"
+                   if check.get("samples") else check["note"])
+        click.echo(f"converted the model from opset {opset['from']} to {opset['to']} ({checked})")
     plan = manifest["plan"]
     counts = {kind: sum(t["kind"] == kind for t in plan["tensors"]) for kind in ("weight", "activation")}
     counts["weight"] += len((manifest["lut_weights"] or {}).get("layers", []))
@@ -185,6 +213,13 @@ def _print_summary(manifest: dict, output: Path) -> None:
         sqnr = "" if lut_weights["sqnr_db"] is None else f"; output SQNR on calibration data {lut_weights['sqnr_db']:.2f} dB"
         click.echo(f"  {len(lut_weights['layers'])} weights as packed {lut_weights['bits']}-bit lookup tables "
                    f"({', '.join(used)}){sqnr}")
+    coverage = manifest["coverage"]
+    if coverage["kept_float"]:
+        share = coverage["kept_float"] / coverage["linear_ops"]
+        lead = "warning: " if share > FLOAT_SHARE_WARNING else ""
+        click.echo(f"{lead}{coverage['kept_float']} of {coverage['linear_ops']} MatMul/Gemm/Conv nodes stay float:")
+        for reason, count in coverage["reasons"].items():
+            click.echo(f"  {count:>4}  {reason}")
     verification = manifest["verification"]
     if verification:
         click.echo(f"verification on {verification['samples']} held-out samples:")
@@ -194,8 +229,9 @@ def _print_summary(manifest: dict, output: Path) -> None:
 
 
 def main() -> None:
+    settings = {"debug": False}
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, obj=settings)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
@@ -205,3 +241,10 @@ def main() -> None:
     except QCompileError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
+    except Exception as error:  # a bug of ours: one line, the traceback only when asked for
+        if settings["debug"]:
+            traceback.print_exc()
+        where = str(error) if isinstance(error, InternalError) else f"{type(error).__name__}: {error}"
+        click.echo(f"internal error: {where.splitlines()[0] if where else type(error).__name__} "
+                   "(a bug in qcompile; rerun with --debug for the traceback)", err=True)
+        sys.exit(3)

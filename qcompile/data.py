@@ -37,7 +37,8 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        # A dim without a positive value is dynamic (PaddlePaddle writes the batch dim as -1).
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim)
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         specs.append(InputSpec(value.name, dtype, dims))
     return specs
@@ -70,6 +71,8 @@ def check_feed(feed, specs: list[InputSpec], origin: str) -> dict[str, np.ndarra
         if array.ndim != len(spec.dims) or any(d is not None and d != a for d, a in zip(spec.dims, array.shape)):
             wanted = "x".join("?" if d is None else str(d) for d in spec.dims)
             raise QCompileError(f"{origin}: input {spec.name!r} has shape {array.shape}, the model wants {wanted}")
+        if array.size == 0:
+            raise QCompileError(f"{origin}: input {spec.name!r} has shape {array.shape}, which holds no values")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise QCompileError(f"{origin}: input {spec.name!r} contains NaN or Inf")
         checked[spec.name] = array

@@ -9,6 +9,7 @@ from google.protobuf.message import DecodeError
 
 from .lut import DOMAIN as LUT_DOMAIN, packing
 from .errors import QCompileError
+from .intake import refuse_unsupported
 
 
 def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -21,10 +22,11 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
             raise QCompileError(f"{path}: no such file")
         try:
             model = onnx.load(str(path))
-        except (DecodeError, ValueError, OSError, RuntimeError) as error:
+        except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as error:
             raise QCompileError(f"{path}: not an ONNX model ({_first_line(error)})") from None
     if not model.graph.node:
         raise QCompileError("not an ONNX model: the graph has no nodes")
+    refuse_unsupported(model)  # before the checker: its message is clearer than the checker's would be
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:

@@ -1,0 +1,283 @@
+"""The phases of compile(), in order. Each reads and writes one CompileState and nothing else.
+
+load -> normalize -> plan -> calibrate -> search -> rewrite -> verify -> describe
+
+A new phase is a function `phase(state) -> None` added to compiler.PHASES; what it needs from the
+ones before it lives on the state, documented below.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__, calibration, intake, report
+from .artifact import Artifact
+from .config import QuantConfig
+from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_holdout
+from .errors import QCompileError
+from .graph import load_model
+from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
+from .passes import (DequantizeAfterGather, FoldClippedSoftmax, InsertLutWeights, InsertQDQ, MergeGateProjection,
+                     NormalizeGraph, PlanW8A8)
+from .passes.insert_lut_weights import find_lut_weights
+from .pipeline import CompileContext, PassRecord, Pipeline
+from .plan import QuantPlan
+from .runtime import DETERMINISTIC_THREADS, make_session
+from .verify import verify as verify_model
+
+PROBE_SAMPLES = 32  # calibration samples on which lookup-table candidates are scored end to end
+CHECK_SAMPLES = 4  # samples on which the float model (and an opset conversion) is checked at load
+
+
+@dataclass
+class CompileState:
+    # given
+    source: object  # an .onnx path, an onnx.ModelProto or a torch.nn.Module
+    config: QuantConfig
+    calib: object = None
+    verify_data: object = None
+    example_inputs: object = None  # for a torch.nn.Module
+    # load
+    float_model: onnx.ModelProto | None = None  # as given (exported), checked
+    intake: intake.Intake | None = None
+    inputs: list[InputSpec] = field(default_factory=list)
+    calib_feeds: object = ()  # an iterable of checked feeds (a list where it must be read twice)
+    verify_feeds: list[dict] = field(default_factory=list)
+    input_files: tuple[Path, ...] = ()  # never overwritten by the artifact
+    # normalize, plan, rewrite
+    context: CompileContext | None = None
+    reference: onnx.ModelProto | None = None  # the float model as the planner saw it: the calibration target
+    records: list[PassRecord] = field(default_factory=list)
+    # search
+    lut_summary: dict | None = None
+    lut_nodes: set = field(default_factory=set)
+    figures: tuple = ()
+    # verify, describe
+    verification: dict | None = None
+    artifact: Artifact | None = None
+
+
+def load(state: CompileState) -> None:
+    """Read (or export) the model, refuse what cannot be compiled, raise its opset to what the
+    output needs, read the data and run the float model on it once."""
+    config = state.config
+    if _is_torch_module(state.source):
+        from .torch_export import export_for_compile
+
+        state.float_model = load_model(export_for_compile(state.source, state.example_inputs))
+    else:
+        state.float_model = load_model(state.source)
+        if isinstance(state.source, (str, Path)):
+            state.input_files = (Path(state.source),)
+    state.input_files += tuple(Path(p) for p in (state.calib, state.verify_data) if isinstance(p, (str, Path)))
+    state.inputs = model_input_specs(state.float_model)
+    _read_data(state)
+    checked = list(itertools.islice(state.verify_feeds or _reiterable(state), CHECK_SAMPLES))
+    min_opset = intake.LUT_OPSET if config.lut_weights else intake.QDQ_OPSET
+    prepared, state.intake = intake.prepare(state.float_model, min_opset, checked)
+    _run_float_model(prepared, checked)
+    state.context = CompileContext.from_model(prepared, config)
+
+
+def normalize(state: CompileState) -> None:
+    """Unique node names, constants as initializers, attention patterns folded."""
+    state.records += Pipeline([NormalizeGraph(), FoldClippedSoftmax(), MergeGateProjection()]).run(state.context)
+
+
+def plan(state: CompileState) -> None:
+    """Decide what is quantized how (no graph change); fail now if that needs data we lack."""
+    state.records += Pipeline([PlanW8A8()]).run(state.context)
+    state.reference = state.context.model
+    if not state.calib_feeds and _calibrated_specs(state.context.plan):
+        raise QCompileError("quantizing activations needs calibration data (--calib)")
+    if state.config.lut_weights:
+        if not find_lut_weights(state.context.graph, state.config.lut_ops):
+            raise QCompileError(f"--weights nl/affine: the model has no constant {', '.join(state.config.lut_ops)} weight")
+        if state.calib is None and state.config.target_sqnr is not None:
+            raise QCompileError("--target-sqnr is measured on calibration data: give --calib")
+
+
+def calibrate(state: CompileState) -> None:
+    """Activation ranges from one streaming pass over the calibration data; weight scales per channel."""
+    config, plan_ = state.config, state.context.plan
+    calibrated = _calibrated_specs(plan_)
+    histograms = {}
+    if calibrated:
+        histograms = calibration.collect_histograms(
+            state.reference, [s.tensor for s in calibrated],
+            batched(_reiterable(state), state.inputs, config.calib_batch_size), threads=DETERMINISTIC_THREADS)
+    constants = {name: t.values for name, t in state.context.graph.tensors().items() if isinstance(t, gs.Constant)}
+    weight_specs = plan_.of_kind("weight")
+    # Weights are independent and NumPy releases the GIL: solve them on all cores.
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        solved = pool.map(lambda spec: calibration.weight_params(constants[spec.tensor], spec.axis, spec.grid,
+                                                                 config.calib_method), weight_specs)
+        plan_.params.update(zip((spec.tensor for spec in weight_specs), solved))
+    for spec in plan_.of_kind("activation"):
+        plan_.params[spec.tensor] = calibration.activation_params(
+            spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
+
+
+def search(state: CompileState) -> None:
+    """Fit and choose every lookup-table weight quantizer (context.lut), for lookup-table formats."""
+    if not state.config.lut_weights:
+        return
+    context, config = state.context, state.config
+    weights = find_lut_weights(context.graph, config.lut_ops)
+    probe = None
+    if state.calib is not None:
+        feeds = list(batched(itertools.islice(_reiterable(state), PROBE_SAMPLES), state.inputs, config.calib_batch_size))
+        probe = lut_search.SqnrProbe(state.reference, {w.tensor: w.to_original(w.rows) for w in weights}, feeds)
+    choice, tried = lut_search.choose(weights, config, probe)
+    context.lut = choice.encoded
+    state.lut_nodes = {w.node for w in weights}
+    context.plan.skipped = [s for s in context.plan.skipped if s.node not in state.lut_nodes]
+    layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
+               "k": int(w.rows.shape[1]), "bits": choice.bits, "function": choice.encoded[w.tensor].quantizer.function,
+               "blocks": int(choice.encoded[w.tensor].quantizer.table.shape[1]), "mse": choice.encoded[w.tensor].mse}
+              for w in weights]
+    state.lut_summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db,
+                         "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
+                         "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function}
+                                   for c in tried],
+                         "layers": layers}
+    samples = []
+    for w in weights[:: max(1, len(weights) // 4)][:4]:  # a few layers, spread over the model
+        row = int(np.abs(w.rows).max(axis=1).argmax())  # the row with the widest range
+        encoded = choice.encoded[w.tensor]
+        values = encoded.quantizer.dequantize(encoded.codes[row:row + 1])[0]
+        samples.append((f"{w.tensor} row {row} ({encoded.quantizer.function or 'affine'})", w.rows[row], values))
+    state.figures = (report.sorted_weights_figure(samples),)
+
+
+def rewrite(state: CompileState) -> None:
+    """Materialise the plan: QuantizeLinear/DequantizeLinear pairs and lookup-table weights."""
+    state.records += Pipeline([InsertQDQ(), InsertLutWeights(), DequantizeAfterGather()]).run(state.context)
+
+
+def verify(state: CompileState) -> None:
+    """Output and per-layer SQNR against the float model on held-out samples."""
+    if state.verify_feeds:
+        layers = _quantized_layers(state.context.plan, state.reference, state.lut_nodes)
+        state.verification = verify_model(state.reference, state.context.model, state.verify_feeds, layers).to_dict()
+
+
+def describe(state: CompileState) -> None:
+    """The manifest and report, and the artifact that carries them."""
+    config, context = state.config, state.context
+    manifest = {
+        "qcompile_version": __version__,
+        "source_model_sha256": hashlib.sha256(state.float_model.SerializeToString(deterministic=True)).hexdigest(),
+        "config": config.to_dict(),
+        "intake": state.intake.to_dict(),
+        "passes": [{"name": r.name, "changed": r.changed, "summary": r.summary} for r in state.records],
+        "explain": context.notes,
+        "plan": _plan_summary(context.plan),
+        "coverage": _coverage(state),
+        "lut_weights": state.lut_summary,
+        "verification": state.verification,
+        "custom_op_library": LUT_DOMAIN if config.lut_weights else None,
+    }
+    state.artifact = Artifact(context.model, manifest, report.render(manifest, state.figures), state.input_files)
+
+
+def _read_data(state: CompileState) -> None:
+    config, inputs = state.config, state.inputs
+    if state.calib is None:
+        state.verify_feeds = list(iterate_feeds(state.verify_data, inputs)) if state.verify_data is not None else []
+    elif state.verify_data is None:
+        state.calib_feeds, state.verify_feeds = split_holdout(state.calib, inputs, config.verify_fraction)
+    else:
+        state.calib_feeds = iterate_feeds(state.calib, inputs)
+        state.verify_feeds = list(iterate_feeds(state.verify_data, inputs))
+        first = next(state.calib_feeds)  # a bad first sample fails now, not after minutes of work
+        state.calib_feeds = itertools.chain([first], state.calib_feeds)
+
+
+def _reiterable(state: CompileState):
+    """The calibration feeds, from the start: a list is read again; a stream is read from its source
+    again (a file, folder or list), or once (a reader), in which case it is kept as a list."""
+    if isinstance(state.calib_feeds, list):
+        return iter(state.calib_feeds)
+    if isinstance(state.calib, (str, Path, list, tuple)):
+        return iterate_feeds(state.calib, state.inputs)
+    state.calib_feeds = list(state.calib_feeds)
+    return iter(state.calib_feeds)
+
+
+def _run_float_model(model: onnx.ModelProto, samples: list[dict]) -> None:
+    """The float model must load and run in ONNX Runtime on the user's data before anything else."""
+    try:
+        session = make_session(model)
+    except Exception as error:
+        raise QCompileError(f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
+    for index, feed in enumerate(samples):
+        try:
+            session.run(None, feed)
+        except Exception as error:
+            raise QCompileError(f"ONNX Runtime cannot run the model on sample {index}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_torch_module(source) -> bool:
+    return any(cls.__module__ == "torch.nn.modules.module" and cls.__name__ == "Module" for cls in type(source).__mro__)
+
+
+def _calibrated_specs(plan_: QuantPlan):
+    return [s for s in plan_.of_kind("activation") if s.fixed_range is None]
+
+
+def _quantized_layers(plan_: QuantPlan, model: onnx.ModelProto, extra_nodes=frozenset()) -> list[tuple[str, str, str]]:
+    """(node, op, first output) of each node that reads a quantized tensor, in graph order."""
+    consumers = {name for spec in plan_.specs.values() for name, _ in spec.consumers} | set(extra_nodes)
+    return [(n.name, n.op_type, n.output[0]) for n in model.graph.node if n.name in consumers]
+
+
+def _coverage(state: CompileState) -> dict:
+    """How much of the linear compute (MatMul / Gemm / Conv) was quantized, and why the rest was not."""
+    plan_ = state.context.plan
+    quantized = {name for spec in plan_.specs.values() for name, _ in spec.consumers} | state.lut_nodes
+    linear = [n for n in state.reference.graph.node if n.op_type in intake.LINEAR_OPS]
+    kept = {s.node: s.reason for s in plan_.skipped if s.op_type in intake.LINEAR_OPS}
+    reasons: dict[str, int] = {}
+    for node in linear:
+        if node.name not in quantized:
+            reason = kept.get(node.name, "weight not a constant, or quantization disabled by config")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    inner = sum(state.intake.subgraph_linear_ops.values())
+    if inner:
+        reasons["inside an If / Loop / Scan body (not quantized)"] = inner
+    return {"linear_ops": len(linear) + inner, "kept_float": sum(reasons.values()), "reasons": reasons}
+
+
+def _plan_summary(plan_: QuantPlan) -> dict:
+    tensors = []
+    for spec in plan_.specs.values():
+        params = plan_.params[spec.tensor]
+        entry = spec.to_dict()
+        entry["scale"] = _describe(params.scale)
+        entry["zero_point"] = _describe(params.zero_point)
+        tensors.append(entry)
+    return {
+        "tensors": tensors,
+        "kept_float": [{"node": s.node, "op_type": s.op_type, "reason": s.reason} for s in plan_.skipped],
+    }
+
+
+def _describe(values: np.ndarray):
+    """A scalar as is; a per-channel vector as its range (the full vector lives in the model)."""
+    if values.ndim == 0:
+        return float(values) if values.dtype.kind == "f" else int(values)
+    return {"channels": int(values.size), "min": float(values.min()), "max": float(values.max())}
