@@ -1,9 +1,12 @@
 """ONNX Runtime sessions: the one place where qcompile opens them."""
 from __future__ import annotations
 
+import sys
+
 import onnx
 import onnxruntime as ort
 
+from .errors import QCompileError
 from .lut import DOMAIN as LUT_DOMAIN, ops
 
 # Fixed thread count for calibration and verification: results must not depend on the machine.
@@ -13,12 +16,16 @@ DETERMINISTIC_THREADS = 2
 def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THREADS,
                  optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                  use_library: bool | None = None) -> ort.InferenceSession:
-    """use_library: register qcompile's custom-op library (True), run the models' standard-op fallback
-    functions instead (False), or register it when the model has qcompile ops and it is built (None)."""
+    """use_library: register qcompile's custom-op library, built on first use (True); run the models'
+    standard-op fallback functions instead (False); or register it when the model has qcompile ops,
+    falling back with a one-line note where it cannot be built (None)."""
     options = ort.SessionOptions()
-    if use_library is None:
-        use_library = ops.library_available() and _uses_custom_ops(model)
-    if use_library:
+    if use_library is None and _uses_custom_ops(model):
+        try:
+            ops.register(options)
+        except QCompileError as error:
+            print(f"qcompile: {error}; running the standard-op fallback (slower)", file=sys.stderr, flush=True)
+    elif use_library:
         ops.register(options)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -13,11 +13,10 @@ site-packages may be read-only, an edited source never runs against a stale libr
 checkout and any number of installs share builds. $QCOMPILE_OPS_LIBRARY names a prebuilt library
 instead (built there only by `qcompile build-ops`).
 
-When it is built: `qcompile build-ops` (make setup runs it), or on first use, when a session insists
-on the library (`make_session(..., use_library=True)`, `Artifact.session(use_library=True)`): that
-builds it with one line on stderr (about three seconds). Sessions that leave use_library=None use the
-library only when it is already built and otherwise run the models' standard-op fallback functions,
-so opening a model never compiles or downloads anything unasked.
+When it is built: `qcompile build-ops` (make setup runs it), or on first use, when a session opens
+a model that uses qcompile's ops (one line on stderr, about three seconds). Where it cannot be built,
+a session that insists on it (use_library=True) fails with the reason; one that left the choice open
+(use_library=None) says so in one line and runs the models' standard-op fallback functions.
 
 PyPI's onnxruntime ships no C/C++ headers. They come from, in order:
 1. the folder in $QCOMPILE_ORT_INCLUDE (or `build_library(include=...)`), which must hold
@@ -185,6 +184,10 @@ def register(options: ort.SessionOptions) -> None:
     """Register the custom-op library with a session's options, building it first if it is not built yet
     (one line on stderr). A $QCOMPILE_OPS_LIBRARY that does not exist is an error: that path is a prebuilt
     library, built only by `qcompile build-ops`."""
+    options.register_custom_ops_library(str(_built_library()))
+
+
+def _built_library() -> Path:
     path = library_path()
     if not path.is_file():
         if os.environ.get(LIBRARY_ENV):
@@ -197,4 +200,4 @@ def register(options: ort.SessionOptions) -> None:
         except QCompileError as exc:
             raise QCompileError(f"qcompile's custom-op library is not built, and building it failed: {exc} (or open "
                                 "the artifact with use_library=False to run its standard-op fallback)") from None
-    options.register_custom_ops_library(str(path))
+    return path
