@@ -1,7 +1,8 @@
 """Any exporter's model in: what qcompile cannot compile is refused in one line, the rest is
 brought to the form the passes expect, before any long work starts.
 
-* refused: training ops, already-quantized models, float16/bfloat16 compute, non-tensor inputs;
+* refused: training ops, already-quantized models, float16/bfloat16 compute, non-tensor inputs
+  or outputs (sequences, maps, optionals);
 * initializers also listed as graph inputs (older exporters, IR < 4) become plain constants;
 * the ai.onnx opset is raised to what the output needs (13: per-channel QuantizeLinear /
   DequantizeLinear; 18: the lookup-table fallback's bitwise ops) by onnx.version_converter, and
@@ -65,11 +66,12 @@ def refuse_unsupported(model: onnx.ModelProto) -> None:
     if quantized:
         found = ", ".join(f"{count} {op}" for op, count in sorted(quantized.items()))
         raise QCompileError(f"the model is already quantized ({found}); give qcompile the float model")
-    for value in model.graph.input:
-        if not value.type.HasField("tensor_type"):
-            kind = value.type.WhichOneof("value") or "unknown"
-            raise QCompileError(f"input {value.name!r} is a {kind.replace('_type', '')}, not a tensor; "
-                                "qcompile reads tensor inputs only")
+    for what, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            if not value.type.HasField("tensor_type"):
+                kind = (value.type.WhichOneof("value") or "unknown").replace("_type", "")
+                raise QCompileError(f"{what} {value.name!r} is a {kind}, not a tensor; qcompile compiles models "
+                                    "with tensor inputs and outputs only")
     half = Counter(HALF_TYPES[t.data_type] for t in model.graph.initializer if t.data_type in HALF_TYPES)
     half.update(HALF_TYPES[v.type.tensor_type.elem_type] for v in model.graph.input
                 if v.type.tensor_type.elem_type in HALF_TYPES)
@@ -135,12 +137,13 @@ def _check_conversion(original: onnx.ModelProto, converted: onnx.ModelProto, sam
         return {"samples": 0, "note": "no sample data: not checked"}
     try:
         before, after = make_session(original), make_session(converted)
-    except Exception as error:
-        raise QCompileError(f"ONNX Runtime cannot load the model at opset {opset} or {target}: "
+        outputs = [(before.run(None, feed), after.run(None, feed)) for feed in samples]
+    except Exception as error:  # onnxruntime's own exception types
+        raise QCompileError(f"ONNX Runtime cannot run the model at opset {opset} or {target} on the data: "
                             f"{str(error).strip().splitlines()[0]}") from None
     worst_diff, worst_scale = 0.0, 0.0
-    for feed in samples:
-        for reference, value in zip(before.run(None, feed), after.run(None, feed)):
+    for references, values in outputs:
+        for reference, value in zip(references, values):
             reference, value = np.asarray(reference, np.float64), np.asarray(value, np.float64)
             if reference.shape != value.shape:
                 raise QCompileError(f"converting from opset {opset} to {target} changed an output's shape "

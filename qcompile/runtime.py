@@ -30,7 +30,7 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = optimization
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, not stderr lines
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

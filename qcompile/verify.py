@@ -74,13 +74,16 @@ def verify(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds
         samples += 1
     return Verification(
         samples=samples,
-        outputs={name: {"sqnr_db": sums[name].db(), "cosine": float(np.mean(cosines[name]))} for name in outputs},
+        outputs={name: {"sqnr_db": sums[name].db(), "cosine": float(np.mean(cosines[name])) if cosines[name] else 1.0}
+                 for name in outputs},
         layers=[LayerCheck(node, op, tensor, sums[tensor].db()) for node, op, tensor in layers],
     )
 
 
 def row_cosines(reference: np.ndarray, approximation: np.ndarray) -> list[float]:
     """Cosine similarity per leading-axis row (one per sample of a batch)."""
+    if reference.size == 0:
+        return []
     a = reference.reshape(len(reference), -1).astype(np.float64) if reference.ndim else reference.reshape(1, 1)
     b = approximation.reshape(a.shape).astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)

@@ -129,6 +129,13 @@ def quantized_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+def sequence_output_model():
+    graph = helper.make_graph([helper.make_node("SequenceConstruct", ["x"], ["s"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def sequence_input_model():
     graph = helper.make_graph([helper.make_node("SequenceLength", ["s"], ["n"])], "g",
                               [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
@@ -141,6 +148,7 @@ def sequence_input_model():
     (lambda: with_node("Relu", ["x"], ["y"], dtype=TensorProto.FLOAT16),
      "the model computes in float16 (1 float16 inputs and weights)"),
     (sequence_input_model, "input 's' is a sequence, not a tensor"),
+    (sequence_output_model, "output 's' is a sequence, not a tensor"),
 ])
 def test_models_qcompile_cannot_compile_get_one_clear_error(make, message):
     with pytest.raises(QCompileError) as error:

@@ -173,3 +173,19 @@ def test_external_data_outside_the_model_folder_is_a_user_error(workdir):
     onnx.save(model, str(workdir / "sub" / "ext.onnx"))
     result = qcompile_cli("compile", "sub/ext.onnx", "--calib", "c.npz", "-o", "out", cwd=workdir)
     one_line(result, 2, "not an ONNX model")
+
+
+def test_a_model_onnx_runtime_rejects_is_one_line_before_any_work(tmp_path):
+    """ONNX Runtime logs its own error line to stderr before raising; the user must see only ours."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("W", (1, 6, 3)), ("R", (1, 6, 2)))]
+    gru = helper.make_node("GRU", ["x", "W", "R"], ["y"], hidden_size=2, layout=1)  # batch-first: ORT has no kernel
+    graph = helper.make_graph([gru], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 2])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(tmp_path / "gru.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((2, 1, 4, 3)).astype(np.float32))
+    result = qcompile_cli("compile", "gru.onnx", "--calib", "c.npz", "-o", "out", cwd=tmp_path)
+    one_line(result, 2, "error: ONNX Runtime cannot load the model: ")
