@@ -8,25 +8,29 @@
 //   LutDequantize(packed u8 [N, R], table f32 [N, G, 2^B]) -> W f32 [N, K]
 //   LutMatMul(X f32 [..., K], packed, table) -> Y f32 [..., N] = X @ W^T   (W never materialised)
 //
-// Attributes: bits (1..8) and k (K). R must be ceil(K*B/8) and G must divide K. Every shape is
-// checked before any read; a mismatch returns an ONNX Runtime error.
+// Attributes: bits (1..8) and k (K >= 1). R must be ceil(K*B/8) and G must divide K.
+//
+// A model is untrusted input. Every input and output is declared required, so ONNX Runtime refuses a
+// node that omits one or has too few or too many; the kernels check again anyway (count, presence,
+// tensor-ness, element type, rank, shape) before reading anything, the attributes are checked when the
+// kernel is created, and sizes derived from them use overflow-checked 64-bit arithmetic. Every failure
+// is an ONNX Runtime error naming the op and the problem; no exception crosses the C API.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
-#include "onnxruntime_lite_custom_op.h"
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <limits>
 #include <string>
 #include <vector>
 
 namespace {
-
-using Ort::Custom::Tensor;
 
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 
@@ -42,7 +46,12 @@ struct Layout {
   bool simd4() const { return kHasAvx512 && bits == 4 && block % 16 == 0; }
 };
 
-Ort::Status error(const std::string& message) { return Ort::Status(message.c_str(), ORT_INVALID_ARGUMENT); }
+// ------------------------------------------------------------------------------------------------
+// Validation: everything below this section reads only what these functions have checked.
+
+Ort::Status error(const char* op, const std::string& message) {
+  return Ort::Status((op + (": " + message)).c_str(), ORT_INVALID_ARGUMENT);
+}
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -50,29 +59,134 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-Ort::Status check_layout(const std::string& op, int64_t bits, int64_t k, const Tensor<uint8_t>& packed,
-                         const Tensor<float>& table, Layout* out) {
-  if (bits < 1 || bits > 8) return error(op + ": attribute bits must be in 1..8, got " + std::to_string(bits));
-  if (k < 1) return error(op + ": attribute k must be positive, got " + std::to_string(k));
-  const auto& ps = packed.Shape();
-  const auto& ts = table.Shape();
-  if (ps.size() != 2) return error(op + ": packed codes must be 2-D [N, R], got " + shape_str(ps));
-  if (ts.size() != 3) return error(op + ": table must be 3-D [N, G, 2^bits], got " + shape_str(ts));
-  const int64_t row_bytes = (k * bits + 7) / 8;
-  if (ps[1] != row_bytes)
-    return error(op + ": packed codes have " + std::to_string(ps[1]) + " bytes per row; " + std::to_string(k) +
-                 " codes of " + std::to_string(bits) + " bits need " + std::to_string(row_bytes));
-  if (ts[0] != ps[0])
-    return error(op + ": table has " + std::to_string(ts[0]) + " rows, packed codes " + std::to_string(ps[0]));
-  if (ts[2] != (int64_t{1} << bits))
-    return error(op + ": table has " + std::to_string(ts[2]) + " entries per block, " + std::to_string(bits) +
-                 "-bit codes need " + std::to_string(int64_t{1} << bits));
-  if (ts[1] < 1 || k % ts[1] != 0)
-    return error(op + ": table has " + std::to_string(ts[1]) + " blocks per row, which does not divide k = " +
-                 std::to_string(k));
-  *out = Layout{static_cast<int>(bits), k, ps[0], row_bytes, ts[1], k / ts[1], ts[2], packed.Data(), table.Data()};
+std::string type_str(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    default: return "element type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+// The product of `dims` (each >= 0) times `scale`, or false when it exceeds int64.
+bool checked_size(const std::vector<int64_t>& dims, int64_t scale, int64_t* size) {
+  int64_t product = scale;
+  for (int64_t d : dims)
+    if (d < 0 || __builtin_mul_overflow(product, d, &product)) return false;
+  *size = product;
+  return true;
+}
+
+struct Attributes {
+  int64_t bits = 0, k = 0;
+};
+
+// Read and range-check the attributes once, when ONNX Runtime creates the kernel (at session load).
+Ort::Status read_attributes(const char* op, const OrtApi& api, const OrtKernelInfo* info, Attributes* out) {
+  for (auto [name, value] : {std::pair{"bits", &out->bits}, std::pair{"k", &out->k}})
+    if (OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, value)) {
+      const std::string detail = api.GetErrorMessage(status);
+      api.ReleaseStatus(status);
+      return error(op, std::string("missing or non-integer attribute '") + name + "': " + detail);
+    }
+  if (out->bits < 1 || out->bits > 8)
+    return error(op, "attribute bits must be in 1..8, got " + std::to_string(out->bits));
+  if (out->k < 1) return error(op, "attribute k must be positive, got " + std::to_string(out->k));
+  int64_t row_bits = 0;  // k * bits + 7 (the rounding in the row width) must fit int64
+  if (__builtin_mul_overflow(out->k, out->bits, &row_bits) || row_bits > std::numeric_limits<int64_t>::max() - 7)
+    return error(op, "attribute k = " + std::to_string(out->k) + " is too large: k * bits = " +
+                         std::to_string(out->k) + " * " + std::to_string(out->bits) + " overflows int64");
   return Ort::Status{nullptr};
 }
+
+// One input of an op, by position: its name in messages and its element type.
+struct InputSpec {
+  const char* name;
+  ONNXTensorElementDataType type;
+};
+
+// A present CPU tensor of the declared element type, with non-negative dimensions whose product fits int64.
+struct Input {
+  const void* data = nullptr;
+  std::vector<int64_t> shape;
+  int64_t size = 0;  // elements
+};
+
+// Check the node's input and output counts, then fetch every input. Nothing is read before this returns OK.
+template <size_t kCount>
+Ort::Status read_inputs(const char* op, const Ort::KernelContext& context, const std::array<InputSpec, kCount>& specs,
+                        std::array<Input, kCount>* inputs) {
+  if (context.GetInputCount() != kCount) {
+    std::string names;
+    for (const auto& spec : specs) names += (names.empty() ? "" : ", ") + std::string(spec.name);
+    return error(op, "expects " + std::to_string(kCount) + " inputs (" + names + "), got " +
+                         std::to_string(context.GetInputCount()));
+  }
+  if (context.GetOutputCount() != 1)
+    return error(op, "expects 1 output, got " + std::to_string(context.GetOutputCount()));
+  for (size_t i = 0; i < kCount; ++i) {
+    const std::string name = std::string("input ") + specs[i].name;
+    const Ort::ConstValue value = context.GetInput(i);
+    if (value == nullptr) return error(op, name + " is missing (omitted from the node)");
+    if (!value.IsTensor()) return error(op, name + " is not a tensor");
+    const auto info = value.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != specs[i].type)
+      return error(op, name + " must be " + type_str(specs[i].type) + ", got " + type_str(info.GetElementType()));
+    Input& input = (*inputs)[i];
+    input.shape = info.GetShape();
+    if (!checked_size(input.shape, 1, &input.size))
+      return error(op, name + " has an invalid shape " + shape_str(input.shape));
+    input.data = value.GetTensorRawData();
+    if (input.size > 0 && input.data == nullptr) return error(op, name + " has no data");
+  }
+  return Ort::Status{nullptr};
+}
+
+// The float32 output, of `shape`; its size in bytes must fit int64, as the kernels index it with int64.
+Ort::Status allocate_output(const char* op, const Ort::KernelContext& context, const std::vector<int64_t>& shape,
+                            float** out) {
+  int64_t bytes = 0;
+  if (!checked_size(shape, sizeof(float), &bytes))
+    return error(op, "output shape " + shape_str(shape) + " is too large");
+  Ort::UnownedValue value = context.GetOutput(0, shape);
+  if (value == nullptr) return error(op, "output is missing (omitted from the node)");
+  *out = value.GetTensorMutableData<float>();
+  if (bytes > 0 && *out == nullptr) return error(op, "could not allocate the output " + shape_str(shape));
+  return Ort::Status{nullptr};
+}
+
+// The packed codes and table against the (already range-checked) attributes.
+Ort::Status check_layout(const char* op, const Attributes& a, const Input& packed, const Input& table, Layout* out) {
+  const auto& ps = packed.shape;
+  const auto& ts = table.shape;
+  if (ps.size() != 2) return error(op, "packed codes must be 2-D [N, R], got " + shape_str(ps));
+  if (ts.size() != 3) return error(op, "table must be 3-D [N, G, 2^bits], got " + shape_str(ts));
+  const int64_t row_bytes = (a.k * a.bits + 7) / 8;  // cannot overflow: read_attributes checked it
+  if (ps[1] != row_bytes)
+    return error(op, "packed codes have " + std::to_string(ps[1]) + " bytes per row; " + std::to_string(a.k) +
+                         " codes of " + std::to_string(a.bits) + " bits need " + std::to_string(row_bytes));
+  if (ts[0] != ps[0])
+    return error(op, "table has " + std::to_string(ts[0]) + " rows, packed codes " + std::to_string(ps[0]));
+  if (ts[2] != (int64_t{1} << a.bits))
+    return error(op, "table has " + std::to_string(ts[2]) + " entries per block, " + std::to_string(a.bits) +
+                         "-bit codes need " + std::to_string(int64_t{1} << a.bits));
+  if (ts[1] < 1 || a.k % ts[1] != 0)
+    return error(op, "table has " + std::to_string(ts[1]) + " blocks per row, which does not divide k = " +
+                         std::to_string(a.k));
+  *out = Layout{static_cast<int>(a.bits), a.k, ps[0], row_bytes, ts[1], a.k / ts[1], ts[2],
+                static_cast<const uint8_t*>(packed.data), static_cast<const float*>(table.data)};
+  return Ort::Status{nullptr};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernels: from here on, every read is within a checked Layout.
 
 // Portable row dequantization: one code at a time from the bit stream, never past the row's end.
 void dequantize_row_scalar(const Layout& l, int64_t row, float* out) {
@@ -183,95 +297,148 @@ void matmul_rows(const float* w, int64_t rows, const float* x, int64_t m, int64_
     matmul_rows_scalar(w, rows, x, m, k, y, y_stride);
 }
 
-int64_t attribute(const OrtApi* api, const OrtKernelInfo* info, const char* name, std::string* problem) {
-  int64_t value = 0;
-  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value)) {
-    *problem = std::string("missing or non-integer attribute '") + name + "': " + api->GetErrorMessage(status);
-    api->ReleaseStatus(status);
-  }
-  return value;
-}
-
 // Rows are split into tasks of a few rows each and run on ONNX Runtime's intra-op thread pool.
 constexpr int64_t kRowsPerTask = 16;
 
-struct LutKernel {
-  std::string problem;  // a bad attribute is reported by Compute: no exception may cross the C API
-  int64_t bits, k;      // declared after `problem`, which their initialisers write to
-  LutKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : bits(attribute(api, info, "bits", &problem)), k(attribute(api, info, "k", &problem)) {}
-};
+// Tasks run on ONNX Runtime's threads: an exception (std::bad_alloc) must not leave them. The first one's
+// message is kept, and Compute reports it once every task has finished.
+struct TaskErrors {
+  std::atomic<bool> failed{false};
+  std::string message;
 
-struct LutDequantize : LutKernel {
-  using LutKernel::LutKernel;
-
-  Ort::Status Compute(OrtKernelContext* context, const Tensor<uint8_t>& packed, const Tensor<float>& table,
-                      Tensor<float>& weight) {
+  template <typename F>
+  void run(F&& body) {
     try {
-      if (!problem.empty()) return error("LutDequantize: " + problem);
-      Layout l;
-      if (auto status = check_layout("LutDequantize", bits, k, packed, table, &l); !status.IsOK()) return status;
-      float* out = weight.Allocate({l.n, l.k});
-      struct Job {
-        const Layout* l;
-        float* out;
-      } job{&l, out};
-      const size_t tasks = static_cast<size_t>((l.n + kRowsPerTask - 1) / kRowsPerTask);
-      Ort::KernelContext(context).ParallelFor(
-          [](void* data, size_t task) {
-            auto* j = static_cast<Job*>(data);
-            const int64_t end = std::min<int64_t>(j->l->n, (task + 1) * kRowsPerTask);
-            for (int64_t row = task * kRowsPerTask; row < end; ++row) dequantize_row(*j->l, row, j->out + row * j->l->k);
-          },
-          tasks, 0, &job);
-      return Ort::Status{nullptr};
+      body();
     } catch (const std::exception& e) {
-      return Ort::Status(e);
+      if (!failed.exchange(true)) message = e.what();
+    } catch (...) {
+      if (!failed.exchange(true)) message = "unknown exception";
     }
   }
 };
 
-struct LutMatMul : LutKernel {
-  using LutKernel::LutKernel;
+// A kernel: the checked attributes and the C API's compute entry, which lets no exception out.
+template <typename Kernel>
+struct LutKernel {
+  Attributes attributes;
 
-  Ort::Status Compute(OrtKernelContext* context, const Tensor<float>& x, const Tensor<uint8_t>& packed,
-                      const Tensor<float>& table, Tensor<float>& y) {
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
-      if (!problem.empty()) return error("LutMatMul: " + problem);
-      Layout l;
-      if (auto status = check_layout("LutMatMul", bits, k, packed, table, &l); !status.IsOK()) return status;
-      std::vector<int64_t> shape = x.Shape();
-      if (shape.empty() || shape.back() != l.k)
-        return error("LutMatMul: input X has shape " + shape_str(shape) + "; its last dimension must be k = " +
-                     std::to_string(l.k));
-      const int64_t m = x.NumberOfElement() / l.k;
-      shape.back() = l.n;
-      struct Job {
-        const Layout* l;
-        const float* x;
-        float* y;
-        int64_t m;
-      } job{&l, x.Data(), y.Allocate(shape), m};
-      const size_t tasks = static_cast<size_t>((l.n + kRowsPerTask - 1) / kRowsPerTask);
-      if (m == 0 || l.n == 0) return Ort::Status{nullptr};
-      Ort::KernelContext(context).ParallelFor(
-          [](void* data, size_t task) {
-            auto* j = static_cast<Job*>(data);
-            const Layout& l = *j->l;
-            const int64_t end = std::min<int64_t>(l.n, (task + 1) * kRowsPerTask);
-            if (j->m == 1 && l.simd4()) {
-              for (int64_t row = task * kRowsPerTask; row < end; ++row) j->y[row] = dot_row_simd4(l, row, j->x);
-              return;
-            }
-            const int64_t first = task * kRowsPerTask;
+      return static_cast<Kernel*>(this)->Compute(Ort::KernelContext(context)).release();
+    } catch (const std::exception& e) {  // Ort::Exception included
+      return error(Kernel::kName, e.what()).release();
+    } catch (...) {
+      return error(Kernel::kName, "unknown exception").release();
+    }
+  }
+};
+
+struct LutDequantize : LutKernel<LutDequantize> {
+  static constexpr const char* kName = "LutDequantize";
+  static constexpr std::array<InputSpec, 2> kInputs{{{"packed", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
+                                                     {"table", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}}};
+
+  Ort::Status Compute(const Ort::KernelContext& context) {
+    std::array<Input, 2> in;
+    Layout l;
+    float* out = nullptr;
+    if (auto status = read_inputs(kName, context, kInputs, &in); !status.IsOK()) return status;
+    if (auto status = check_layout(kName, attributes, in[0], in[1], &l); !status.IsOK()) return status;
+    if (auto status = allocate_output(kName, context, {l.n, l.k}, &out); !status.IsOK()) return status;
+    struct Job {
+      const Layout* l;
+      float* out;
+    } job{&l, out};
+    const size_t tasks = static_cast<size_t>((l.n + kRowsPerTask - 1) / kRowsPerTask);
+    context.ParallelFor(
+        [](void* data, size_t task) {
+          auto* j = static_cast<Job*>(data);
+          const int64_t end = std::min<int64_t>(j->l->n, (task + 1) * kRowsPerTask);
+          for (int64_t row = task * kRowsPerTask; row < end; ++row) dequantize_row(*j->l, row, j->out + row * j->l->k);
+        },
+        tasks, 0, &job);
+    return Ort::Status{nullptr};
+  }
+};
+
+struct LutMatMul : LutKernel<LutMatMul> {
+  static constexpr const char* kName = "LutMatMul";
+  static constexpr std::array<InputSpec, 3> kInputs{{{"X", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
+                                                     {"packed", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
+                                                     {"table", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}}};
+
+  Ort::Status Compute(const Ort::KernelContext& context) {
+    std::array<Input, 3> in;
+    Layout l;
+    if (auto status = read_inputs(kName, context, kInputs, &in); !status.IsOK()) return status;
+    if (auto status = check_layout(kName, attributes, in[1], in[2], &l); !status.IsOK()) return status;
+    std::vector<int64_t> shape = in[0].shape;
+    if (shape.empty() || shape.back() != l.k)
+      return error(kName, "input X has shape " + shape_str(shape) + "; its last dimension must be k = " +
+                              std::to_string(l.k));
+    const int64_t m = in[0].size / l.k;  // m > 0 bounds k by X's real size, so the per-task scratch fits
+    shape.back() = l.n;
+    float* y = nullptr;
+    if (auto status = allocate_output(kName, context, shape, &y); !status.IsOK()) return status;
+    if (m == 0 || l.n == 0) return Ort::Status{nullptr};
+    struct Job {
+      const Layout* l;
+      const float* x;
+      float* y;
+      int64_t m;
+      TaskErrors errors;
+    } job{&l, static_cast<const float*>(in[0].data), y, m, {}};
+    const size_t tasks = static_cast<size_t>((l.n + kRowsPerTask - 1) / kRowsPerTask);
+    context.ParallelFor(
+        [](void* data, size_t task) {
+          auto* j = static_cast<Job*>(data);
+          const Layout& l = *j->l;
+          const int64_t first = task * kRowsPerTask, end = std::min<int64_t>(l.n, first + kRowsPerTask);
+          if (j->m == 1 && l.simd4()) {
+            for (int64_t row = first; row < end; ++row) j->y[row] = dot_row_simd4(l, row, j->x);
+            return;
+          }
+          j->errors.run([&] {
             std::vector<float> w(static_cast<size_t>((end - first) * l.k));
             for (int64_t row = first; row < end; ++row) dequantize_row(l, row, w.data() + (row - first) * l.k);
             matmul_rows(w.data(), end - first, j->x, j->m, l.k, j->y + first, l.n);
-          },
-          tasks, 0, &job);
-      return Ort::Status{nullptr};
+          });
+        },
+        tasks, 0, &job);
+    if (job.errors.failed) return error(kName, job.errors.message);
+    return Ort::Status{nullptr};
+  }
+};
+
+// The op schema and kernel factory for Kernel. Every input and output is required (CustomOpBase's default
+// characteristic), so ONNX Runtime refuses at load a node that omits one or has the wrong number.
+template <typename Kernel>
+struct LutOp : Ort::CustomOpBase<LutOp<Kernel>, Kernel, /*WithStatus=*/true> {
+  LutOp() {
+    // The status-returning callbacks replace these; leave no pointer uninitialised.
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+  }
+  const char* GetName() const { return Kernel::kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return Kernel::kInputs.size(); }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index < Kernel::kInputs.size() ? Kernel::kInputs[index].type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      Attributes attributes;
+      if (auto status = read_attributes(Kernel::kName, api, info, &attributes); !status.IsOK()) return status.release();
+      auto* created = new Kernel;
+      created->attributes = attributes;
+      *kernel = created;
+      return nullptr;
     } catch (const std::exception& e) {
-      return Ort::Status(e);
+      return Ort::Status(e).release();
     }
   }
 };
@@ -279,19 +446,22 @@ struct LutMatMul : LutKernel {
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> dequantize{
-      Ort::Custom::CreateLiteCustomOp<LutDequantize>("LutDequantize", "CPUExecutionProvider")};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> matmul{
-      Ort::Custom::CreateLiteCustomOp<LutMatMul>("LutMatMul", "CPUExecutionProvider")};
   try {
-    static Ort::CustomOpDomain domain{"qcompile"};
-    static bool added = false;
-    if (!added) {
-      domain.Add(dequantize.get());
-      domain.Add(matmul.get());
-      added = true;
-    }
+    const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+    if (api == nullptr)  // an ONNX Runtime older than the headers: report it through the first API version
+      return api_base->GetApi(1)->CreateStatus(
+          ORT_FAIL, ("qcompile's custom ops need ONNX Runtime API version " + std::to_string(ORT_API_VERSION) +
+                     " or newer; this ONNX Runtime is " + api_base->GetVersionString())
+                        .c_str());
+    Ort::InitApi(api);
+    static LutOp<LutDequantize> dequantize;
+    static LutOp<LutMatMul> matmul;
+    static Ort::CustomOpDomain domain = [] {  // built once, even by concurrent registrations
+      Ort::CustomOpDomain made{"qcompile"};
+      made.Add(&dequantize);
+      made.Add(&matmul);
+      return made;
+    }();
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const std::exception& e) {
     return Ort::Status(e).release();
