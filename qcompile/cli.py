@@ -153,7 +153,6 @@ def run(artifact, inputs, outputs):
 def analyze(model, calib, output, force):
     """Outlier report for MODEL: per-tensor max |x|, kurtosis and share beyond 6 std."""
     from .analyze import analyze as analyze_model, write_report
-
     from .artifact import check_output
 
     check_output(output, force, inputs=(model, calib))
