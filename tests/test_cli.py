@@ -130,3 +130,13 @@ def test_compile_nonlinear_lookup_table_weights(tiny_bert, tmp_path):
     assert_user_error(qcompile("compile", tiny_bert["model"], "-o", tmp_path / "x", "--weights", "nl", "--bits", "4-x"),
                       "--bits must be B or LOW-HIGH")
     assert not (tmp_path / "x").exists()
+
+
+def test_export_reports_the_samples_it_wrote_not_the_ones_asked_for(tmp_path):
+    result = qcompile("export", "tiny-vit-vanilla", "-o", tmp_path / "m.onnx", "--calib-out", tmp_path / "c.npz",
+                      "--calib-samples", 6000, "--eval-out", tmp_path / "e.npz", "--eval-samples", 3)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote 5000 calibration samples to {tmp_path / 'c.npz'} (asked for 6000; the model's data holds 5000)" \
+        in result.stdout
+    assert f"wrote 3 evaluation samples to {tmp_path / 'e.npz'}\n" in result.stdout
+    assert len(np.load(tmp_path / "c.npz")["images"]) == 5000
