@@ -293,6 +293,14 @@ def write_npz(path: Path, arrays: dict) -> None:
                 np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 
 
+def _fixed_width(value: np.ndarray) -> np.ndarray:
+    """A string tensor (numpy objects) as fixed-width bytes, or unicode where it is not ASCII."""
+    try:
+        return value.astype(np.bytes_)
+    except UnicodeEncodeError:
+        return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else str(v), otypes=[str])(value)
+
+
 def write_calibration(data: CaseData, directory: Path) -> Path:
     """The test inputs as calibration data: one sample per data set (a leading sample axis), in one
     .npz when the data sets' shapes agree, else one .npz per data set in a folder. Non-tensor
@@ -303,7 +311,7 @@ def write_calibration(data: CaseData, directory: Path) -> Path:
         for name, value in feed.items():
             if data.input_kinds.get(name) != "tensor" or not isinstance(value, np.ndarray):
                 continue
-            tensors[name] = value.astype(np.bytes_) if value.dtype == object else value
+            tensors[name] = _fixed_width(value) if value.dtype == object else value
         feeds.append(tensors)
     directory.mkdir(parents=True, exist_ok=True)
     shapes = {tuple(sorted((n, a.shape, a.dtype.str) for n, a in feed.items())) for feed in feeds}
