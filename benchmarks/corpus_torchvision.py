@@ -13,13 +13,14 @@ torchvision on PyPI for Linux is the CUDA build: its C extension (torchvision/_C
 libc10_cuda.so and does not load next to the CPU build of torch, and torchvision/__init__.py then
 fails registering fake kernels for the extension's ops. The model definitions are pure Python, so
 `import_models()` imports torchvision.models under a bare `torchvision` package whose __init__.py
-is not run. Install it without dependencies (it pins torch==2.13.0, which the CPU build satisfies):
+is not run. `make setup` installs it without dependencies into .venv/torchvision, off sys.path
+(importable, it would break transformers' imports):
 
-    .venv/bin/pip install --no-deps torchvision==0.28.0
+    .venv/bin/pip install --no-deps --target .venv/torchvision torchvision==0.28.0
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import json
 import shutil
 import subprocess
@@ -35,21 +36,20 @@ IMAGE_SIZE = {"vit_b_16": 224, "swin_t": 224, "vit_tiny": 64}  # others: 64 x 64
 SAMPLES = 4
 RECIPE = 2  # bump when build() or the data change: cached exports of another recipe are redone
 EXPORT_TIMEOUT = 900.0
+TORCHVISION_DIR = Path(sys.prefix) / "torchvision"
+
+
+def torchvision_spec():
+    """torchvision as `make setup` installs it: in .venv/torchvision, off sys.path, because an importable
+    torchvision whose C extension cannot load breaks transformers' imports (and with them the zoo)."""
+    return importlib.machinery.PathFinder.find_spec("torchvision", [str(TORCHVISION_DIR)])
 
 
 def import_models():
-    """torchvision.models, through the normal import when torchvision loads, else without running
-    torchvision/__init__.py (see the module docstring)."""
-    try:
-        import torchvision.models as models
-
-        return models
-    except Exception:
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-    spec = importlib.util.find_spec("torchvision")
+    """torchvision.models, imported without running torchvision/__init__.py (see the module docstring)."""
+    spec = torchvision_spec()
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("torchvision is not installed (.venv/bin/pip install --no-deps torchvision==0.28.0)")
+        raise ImportError(f"torchvision is not installed in {TORCHVISION_DIR} (make setup installs it)")
     package = types.ModuleType("torchvision")
     package.__path__ = list(spec.submodule_search_locations)
     package.__file__ = spec.origin
@@ -157,9 +157,9 @@ def export_all(root: Path, archs=None, progress=print) -> list[dict]:
     corpus runner, which forks). Returns every export's status."""
     archs = list(archs or DEFAULT_ARCHS)
     root.mkdir(parents=True, exist_ok=True)
-    if importlib.util.find_spec("torchvision") is None:
+    if torchvision_spec() is None:
         if progress:
-            progress("torchvision is not installed: no exports (.venv/bin/pip install --no-deps torchvision==0.28.0)")
+            progress(f"torchvision is not installed in {TORCHVISION_DIR}: no exports (make setup installs it)")
         return []
     for arch in archs:
         if all(_current(root / f"{arch}_{e}{o}" / "export.json") for e, o in EXPORTS):

@@ -13,7 +13,6 @@ The whole file takes well under a minute. `pytest tests/test_corpus.py -k Linear
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import corpus  # noqa: E402
+import corpus_torchvision  # noqa: E402
 
 ART = {"artifact"}
 ERR = {"clear error"}
@@ -150,15 +150,13 @@ def test_compare_output():
     assert not corpus.compare_output([labels], [labels[::-1]], "w8a8")["ok"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                    reason="torchvision not installed (pip install --no-deps torchvision==0.28.0)")
+@pytest.mark.skipif(corpus_torchvision.torchvision_spec() is None,
+                    reason="torchvision not installed in .venv/torchvision (make setup installs it)")
 def test_torchvision_exports(tmp_path):
     """resnet18 (random weights) from the legacy exporter at opset 13 and the dynamo exporter at 18
     (W8A8), and the legacy export with int4 lookup-table weights."""
-    from corpus_torchvision import export_all
-
     root = corpus.OUT / corpus.TORCHVISION
-    statuses = export_all(root, ["resnet18"], progress=None)
+    statuses = corpus_torchvision.export_all(root, ["resnet18"], progress=None)
     assert all(s.get("ok") for s in statuses), statuses
     records = _run(tmp_path, [("torchvision/resnet18_legacy13", "w8a8"), ("torchvision/resnet18_dynamo18", "w8a8"),
                               ("torchvision/resnet18_legacy13", "int4")], "fork")
