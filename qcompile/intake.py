@@ -6,7 +6,8 @@ brought to the form the passes expect, before any long work starts.
 * initializers also listed as graph inputs (older exporters, IR < 4) become plain constants;
 * the ai.onnx opset is raised to what the output needs (13: per-channel QuantizeLinear /
   DequantizeLinear; 18: the lookup-table fallback's bitwise ops) by onnx.version_converter, and
-  the converted model is checked against the original in ONNX Runtime on the sample data;
+  the converted model is checked against the original on the sample data (the original in ONNX
+  Runtime, or below opset 7, where it has no kernels, in onnx.reference);
 * MatMul / Gemm / Conv inside If / Loop / Scan bodies are counted: they stay float.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Intake:
 
     opset_from: int
     opset_to: int
-    conversion_check: dict | None = None  # {"samples", "max_abs_diff", "max_abs_output"} when converted
+    conversion_check: dict | None = None  # {"samples", "reference", "max_abs_diff", "max_abs_output"} when converted
     constants_from_inputs: int = 0
     subgraph_linear_ops: dict = field(default_factory=dict)  # op type -> count inside control-flow bodies
     linear_ops: int = 0  # MatMul / Gemm / Conv in the main graph
@@ -120,8 +121,7 @@ def _convert(model: onnx.ModelProto, opset: int, target: int) -> onnx.ModelProto
     except Exception as error:  # the converter raises RuntimeError, ValueError or its own types
         blocking = _blocking_op(model, str(error))
         raise QCompileError(f"cannot convert the model from opset {opset} to {target}{blocking}: "
-                            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}; "
-                            f"export it at opset >= {target}") from None
+                            f"{_first_line(error)}; export it at opset >= {target}") from None
     return converted
 
 
@@ -132,18 +132,21 @@ def _blocking_op(model: onnx.ModelProto, message: str) -> str:
 
 def _check_conversion(original: onnx.ModelProto, converted: onnx.ModelProto, samples: list[dict], opset: int,
                       target: int) -> dict:
-    """Run both models on the samples; a conversion that changes the outputs is refused."""
+    """Run both models on the samples; a conversion that changes the outputs is refused. The original
+    runs in ONNX Runtime, or in ONNX's reference evaluator where ONNX Runtime has no kernels for its
+    opset (below 7)."""
     if not samples:
         return {"samples": 0, "note": "no sample data: not checked"}
+    references, reference_engine = _run_original(original, samples, opset)
     try:
-        before, after = make_session(original), make_session(converted)
-        outputs = [(before.run(None, feed), after.run(None, feed)) for feed in samples]
+        session = make_session(converted)
+        values = [session.run(None, feed) for feed in samples]
     except Exception as error:  # onnxruntime's own exception types
-        raise QCompileError(f"ONNX Runtime cannot run the model at opset {opset} or {target} on the data: "
-                            f"{str(error).strip().splitlines()[0]}") from None
+        raise QCompileError(f"the model converted from opset {opset} to {target} does not run in ONNX Runtime "
+                            f"({_first_line(error)}); export it at opset >= {target}") from None
     worst_diff, worst_scale = 0.0, 0.0
-    for references, values in outputs:
-        for reference, value in zip(references, values):
+    for reference_outputs, value_outputs in zip(references, values):
+        for reference, value in zip(reference_outputs, value_outputs):
             reference, value = np.asarray(reference, np.float64), np.asarray(value, np.float64)
             if reference.shape != value.shape:
                 raise QCompileError(f"converting from opset {opset} to {target} changed an output's shape "
@@ -156,7 +159,32 @@ def _check_conversion(original: onnx.ModelProto, converted: onnx.ModelProto, sam
     if worst_diff > CONVERSION_TOLERANCE * max(worst_scale, 1.0):
         raise QCompileError(f"converting from opset {opset} to {target} changed the outputs by up to {worst_diff:.3g} "
                             f"(largest output {worst_scale:.3g}); export the model at opset >= {target}")
-    return {"samples": len(samples), "max_abs_diff": worst_diff, "max_abs_output": worst_scale}
+    return {"samples": len(samples), "reference": reference_engine, "max_abs_diff": worst_diff,
+            "max_abs_output": worst_scale}
+
+
+def _run_original(model: onnx.ModelProto, samples: list[dict], opset: int) -> tuple[list, str]:
+    """The original model's outputs on the samples, and which engine computed them."""
+    try:
+        session = make_session(model)
+    except Exception:  # no kernels for this opset: ONNX's own reference implementation of the spec
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            evaluator = ReferenceEvaluator(model)
+            return [evaluator.run(None, feed) for feed in samples], "onnx.reference"
+        except Exception as error:
+            raise QCompileError(f"neither ONNX Runtime nor ONNX's reference evaluator runs the model at opset {opset} "
+                                f"({_first_line(error)}); export it at opset >= {QDQ_OPSET}") from None
+    try:
+        return [session.run(None, feed) for feed in samples], "onnxruntime"
+    except Exception as error:
+        raise QCompileError(f"ONNX Runtime cannot run the model on the data: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _subgraphs(node: onnx.NodeProto):
