@@ -38,6 +38,7 @@ class StreamingHistogram:
 
     def update(self, values: np.ndarray) -> None:
         values = values.ravel()
+        values = values[np.isfinite(values)]  # a -inf mask value is no range to cover
         if values.size == 0:
             return
         low, high = float(values.min()), float(values.max())

@@ -66,15 +66,15 @@ def check_feed(feed, specs: list[InputSpec], origin: str) -> dict[str, np.ndarra
     checked = {}
     for spec in specs:
         array = np.asarray(feed[spec.name])
+        if spec.dtype == object and array.dtype.kind in "US":  # strings: an .npz holds them as str/bytes arrays
+            array = array.astype(object)
         if array.dtype != spec.dtype:
             raise QCompileError(f"{origin}: input {spec.name!r} has dtype {array.dtype}, the model wants {spec.dtype}")
         if array.ndim != len(spec.dims) or any(d is not None and d != a for d, a in zip(spec.dims, array.shape)):
             wanted = "x".join("?" if d is None else str(d) for d in spec.dims)
             raise QCompileError(f"{origin}: input {spec.name!r} has shape {array.shape}, the model wants {wanted}")
-        if array.size == 0:
-            raise QCompileError(f"{origin}: input {spec.name!r} has shape {array.shape}, which holds no values")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise QCompileError(f"{origin}: input {spec.name!r} contains NaN or Inf")
+        if array.dtype.kind == "f" and np.isnan(array).any():  # +-inf is legitimate (attention masks)
+            raise QCompileError(f"{origin}: input {spec.name!r} contains NaN")
         checked[spec.name] = array
     return checked
 

@@ -114,6 +114,10 @@ def calibrate(state: CompileState) -> None:
         histograms = calibration.collect_histograms(
             state.reference, [s.tensor for s in calibrated],
             batched(_reiterable(state), state.inputs, config.calib_batch_size), threads=DETERMINISTIC_THREADS)
+    unseen = [name for name, histogram in histograms.items() if not histogram.counts.any()]
+    if unseen:
+        raise QCompileError(f"no finite calibration value reached {len(unseen)} activations ({', '.join(unseen[:3])}): "
+                            "are the samples empty?")
     constants = {name: t.values for name, t in state.context.graph.tensors().items() if isinstance(t, gs.Constant)}
     weight_specs = plan_.of_kind("weight")
     # Weights are independent and NumPy releases the GIL: solve them on all cores.

@@ -56,7 +56,8 @@ class _SqnrSum:
 def verify(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds: Iterable[dict],
            layers: list[tuple[str, str, str]]) -> Verification:
     """`layers`: (node name, op type, output tensor) to compare, present in both models."""
-    outputs = [output.name for output in float_model.graph.output]
+    outputs = [output.name for output in float_model.graph.output  # strings have no SQNR
+               if output.type.tensor_type.elem_type != onnx.TensorProto.STRING]
     layer_tensors = [tensor for _, _, tensor in layers if tensor not in outputs]
     names = outputs + layer_tensors
     float_session = make_session(with_extra_outputs(float_model, layer_tensors))

@@ -52,8 +52,7 @@ def test_every_source_form_gives_the_same_feeds(tmp_path):
     (lambda f: f.update(extra=np.zeros(1)), "names that are not model inputs: extra"),
     (lambda f: f.update(x=f["x"].astype(np.float64)), "has dtype float64, the model wants float32"),
     (lambda f: f.update(x=f["x"][:, :5]), r"has shape \(1, 5, 2\), the model wants \?x6x2"),
-    (lambda f: f["x"].__setitem__((0, 0, 0), np.nan), "contains NaN or Inf"),
-    (lambda f: f["x"].__setitem__((0, 0, 0), np.inf), "contains NaN or Inf"),
+    (lambda f: f["x"].__setitem__((0, 0, 0), np.nan), "contains NaN"),
 ])
 def test_bad_samples_are_named_errors(mutate, message):
     feeds = feeds_of(samples())

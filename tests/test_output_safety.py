@@ -155,10 +155,18 @@ def test_run_on_a_damaged_artifact_is_one_line(workdir, damage, message):
     one_line(qcompile_cli("run", "out", "--inputs", "x.npz", "--outputs", "y.npz", cwd=workdir), 2, message)
 
 
-def test_a_sample_with_an_empty_batch_is_a_user_error(workdir):
+def test_empty_samples_calibrate_nothing_and_only_empty_samples_are_a_user_error(workdir):
+    rng = np.random.default_rng(0)
     np.savez(workdir / "empty.npz", x=np.zeros((3, 0, 3), np.float32))
     result = qcompile_cli("compile", "m.onnx", "--calib", "empty.npz", "-o", "out", cwd=workdir)
-    one_line(result, 2, "input 'x' has shape (0, 3), which holds no values")
+    one_line(result, 2, "no finite calibration value reached 1 activations (x): are the samples empty?")
+    # One empty batch among real ones is skipped, not a ZeroDivisionError.
+    folder = workdir / "mixed"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=np.zeros((1, 0, 3), np.float32))
+    np.savez(folder / "b.npz", x=rng.standard_normal((10, 1, 3)).astype(np.float32))
+    result = qcompile_cli("compile", "m.onnx", "--calib", folder, "-o", "out", cwd=workdir)
+    assert result.returncode == 0, result.stderr
 
 
 def test_external_data_outside_the_model_folder_is_a_user_error(workdir):
