@@ -1,9 +1,12 @@
-"""NormalizeGraph: give every node a unique name and turn Constant nodes into initializers.
+"""NormalizeGraph: give every node a unique name and turn computed constants into initializers.
 
 Pattern -> rewrite:
     node with no name, or a name already taken  ->  "<op_type>_<index>" (deterministic)
     Constant(value=T) -> t                       ->  initializer t = T
-Later passes address nodes by name and recognise weights as initializers.
+    a subgraph of constants only, such as       ->  initializer with its value (ONNX Runtime folds
+    ConstantOfShape weights or Transpose(W)          the same at load)
+Later passes address nodes by name and recognise weights as initializers, whatever way the
+exporter wrote them.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ class NormalizeGraph:
         renamed = _name_nodes(graph)
         folded = _constants_to_initializers(graph)
         graph.cleanup()
-        return PassResult(renamed + folded, f"named {renamed} nodes, folded {folded} Constant nodes")
+        computed = _fold_constant_subgraphs(graph)
+        return PassResult(renamed + folded + computed,
+                          f"named {renamed} nodes, folded {folded} Constant nodes and {computed} constant subgraph nodes")
 
 
 def _name_nodes(graph: gs.Graph) -> int:
@@ -47,3 +52,9 @@ def _constants_to_initializers(graph: gs.Graph) -> int:
         node.outputs.clear()
         folded += 1
     return folded
+
+
+def _fold_constant_subgraphs(graph: gs.Graph) -> int:
+    before = len(graph.nodes)
+    graph.fold_constants(fold_shapes=False, error_ok=True, flatten_subgraphs=False).cleanup()
+    return before - len(graph.nodes)

@@ -54,6 +54,25 @@ def test_normalize_names_nodes_and_folds_constants(rng):
     assert "Constant" not in {node.op for node in context.graph.nodes}
 
 
+def test_normalize_folds_weights_computed_from_constants():
+    """ConstantOfShape weights (the ONNX light models) and Transpose(W) become initializers."""
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["filled"], value=numpy_helper.from_array(np.float32([0.5]))),
+             helper.make_node("MatMul", ["x", "filled"], ["h"]),
+             helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "wt"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                              [numpy_helper.from_array(np.int64([4, 3]), "shape"), numpy_helper.from_array(weight, "w")])
+    context = CompileContext.from_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), QuantConfig())
+    result = NormalizeGraph().run(context)
+    assert [node.op for node in context.graph.nodes] == ["MatMul", "MatMul"]
+    assert result.summary == "named 4 nodes, folded 0 Constant nodes and 2 constant subgraph nodes"
+    first, second = (node.inputs[1] for node in context.graph.nodes)
+    np.testing.assert_array_equal(first.values, np.full((4, 3), 0.5, np.float32))
+    np.testing.assert_array_equal(second.values, weight.T)
+
+
 def test_plan_lists_each_tensor_once_with_its_consumers(rng):
     plan = planned(attention_like_model(rng)).plan
     summary = {name: (s.kind, s.dtype, s.axis, s.consumers, s.fixed_range) for name, s in plan.specs.items()}
