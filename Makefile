@@ -45,6 +45,8 @@ bench: setup
 	$(BIN)/python benchmarks/w8a8_minilm.py
 	$(BIN)/python benchmarks/lut_matmul.py
 	$(BIN)/python benchmarks/ptnq_accuracy.py
+	$(BIN)/python benchmarks/corpus.py --torchvision --formats w8a8,int4 --jobs 2 --timeout 300
+	$(BIN)/python benchmarks/fuzz_ops.py --cases 3000 --seed 0
 
 clean:
 	rm -rf $(VENV) build

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from .errors import QCompileError
+from .errors import QCompileError, first_line
 from .runtime import make_session
 
 MODEL_FILE, MANIFEST_FILE, REPORT_FILE = "model.onnx", "manifest.json", "report.html"
@@ -150,7 +150,6 @@ class Artifact:
             model = onnx.load(str(files[0]))
             onnx.checker.check_model(model)
         except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise QCompileError(f"{files[0]}: not a readable ONNX model ({first})") from None
+            raise QCompileError(f"{files[0]}: not a readable ONNX model ({first_line(error)})") from None
         report = folder / REPORT_FILE
         return cls(model, manifest, report.read_text() if report.is_file() else "")

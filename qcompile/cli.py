@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, EXECUTOR_NAMES, SELECTIONS, QuantConfig
-from .errors import InternalError, QCompileError
+from .errors import InternalError, QCompileError, first_line
 
 # Where more than this share of the linear compute stays float, the summary says so loudly.
 FLOAT_SHARE_WARNING = 0.25
@@ -137,7 +137,7 @@ def run(artifact, inputs, outputs):
     except QCompileError:
         raise
     except Exception as error:  # onnxruntime's own exception types: a model it rejects, data it cannot run
-        raise QCompileError(f"{artifact}: ONNX Runtime cannot run it: {str(error).strip().splitlines()[0]}") from None
+        raise QCompileError(f"{artifact}: ONNX Runtime cannot run it: {first_line(error)}") from None
     try:
         np.savez(outputs, **dict(zip(names, results)))
     except OSError as error:
@@ -243,7 +243,7 @@ def main() -> None:
     except Exception as error:  # a bug of ours: one line, the traceback only when asked for
         if settings["debug"]:
             traceback.print_exc()
-        where = str(error) if isinstance(error, InternalError) else f"{type(error).__name__}: {error}"
-        click.echo(f"internal error: {where.splitlines()[0] if where else type(error).__name__} "
+        where = str(error) if isinstance(error, InternalError) else f"{type(error).__name__}: {first_line(error)}"
+        click.echo(f"internal error: {where} "
                    "(a bug in qcompile; rerun with --debug for the traceback)", err=True)
         sys.exit(3)

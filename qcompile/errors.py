@@ -1,6 +1,12 @@
 """Two kinds of failure, told apart by exit code: the user's input (2) and a bug of ours (3)."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class QCompileError(Exception):
     """Bad input: the CLI prints it as one line and exits with code 2, never a traceback."""
 
@@ -10,6 +16,6 @@ class InternalError(Exception):
     line and exits with code 3; `qcompile --debug` also prints the traceback of the cause."""
 
     def __init__(self, where: str, cause: BaseException):
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        detail = first_line(cause) if str(cause).strip() else ""
         super().__init__(f"{where}: {type(cause).__name__}{': ' + detail if detail else ''}")
         self.where = where

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .lut import DOMAIN as LUT_DOMAIN, packing
-from .errors import QCompileError
+from .errors import QCompileError, first_line
 from .intake import refuse_unsupported
 
 
@@ -23,14 +23,14 @@ def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         try:
             model = onnx.load(str(path))
         except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as error:
-            raise QCompileError(f"{path}: not an ONNX model ({_first_line(error)})") from None
+            raise QCompileError(f"{path}: not an ONNX model ({first_line(error)})") from None
     if not model.graph.node:
         raise QCompileError("not an ONNX model: the graph has no nodes")
     refuse_unsupported(model)  # before the checker: its message is clearer than the checker's would be
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise QCompileError(f"the model fails the ONNX checker: {_first_line(error)}") from None
+        raise QCompileError(f"the model fails the ONNX checker: {first_line(error)}") from None
     return model
 
 
@@ -63,8 +63,3 @@ def replace_input(old: gs.Tensor, new: gs.Tensor, consumers=None) -> None:
         consumers = [(node, i) for node in list(old.outputs) for i, t in enumerate(node.inputs) if t is old]
     for node, index in consumers:
         node.inputs[index] = new
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

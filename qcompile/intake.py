@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
-from .errors import QCompileError
+from .errors import QCompileError, first_line
 from .runtime import make_session
 
 QDQ_OPSET = 13  # per-channel (axis) QuantizeLinear / DequantizeLinear
@@ -121,7 +121,7 @@ def _convert(model: onnx.ModelProto, opset: int, target: int) -> onnx.ModelProto
     except Exception as error:  # the converter raises RuntimeError, ValueError or its own types
         blocking = _blocking_op(model, str(error))
         raise QCompileError(f"cannot convert the model from opset {opset} to {target}{blocking}: "
-                            f"{_first_line(error)}; export it at opset >= {target}") from None
+                            f"{first_line(error)}; export it at opset >= {target}") from None
     return converted
 
 
@@ -143,7 +143,7 @@ def _check_conversion(original: onnx.ModelProto, converted: onnx.ModelProto, sam
         values = [session.run(None, feed) for feed in samples]
     except Exception as error:  # onnxruntime's own exception types
         raise QCompileError(f"the model converted from opset {opset} to {target} does not run in ONNX Runtime "
-                            f"({_first_line(error)}); export it at opset >= {target}") from None
+                            f"({first_line(error)}); export it at opset >= {target}") from None
     worst_diff, worst_scale = 0.0, 0.0
     for reference_outputs, value_outputs in zip(references, values):
         for reference, value in zip(reference_outputs, value_outputs):
@@ -175,16 +175,11 @@ def _run_original(model: onnx.ModelProto, samples: list[dict], opset: int) -> tu
             return [evaluator.run(None, feed) for feed in samples], "onnx.reference"
         except Exception as error:
             raise QCompileError(f"neither ONNX Runtime nor ONNX's reference evaluator runs the model at opset {opset} "
-                                f"({_first_line(error)}); export it at opset >= {QDQ_OPSET}") from None
+                                f"({first_line(error)}); export it at opset >= {QDQ_OPSET}") from None
     try:
         return [session.run(None, feed) for feed in samples], "onnxruntime"
     except Exception as error:
-        raise QCompileError(f"ONNX Runtime cannot run the model on the data: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise QCompileError(f"ONNX Runtime cannot run the model on the data: {first_line(error)}") from None
 
 
 def _subgraphs(node: onnx.NodeProto):

@@ -22,7 +22,7 @@ from . import __version__, calibration, intake, report
 from .artifact import Artifact
 from .config import QuantConfig
 from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_holdout
-from .errors import QCompileError
+from .errors import QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, InsertLutWeights, InsertQDQ, MergeGateProjection,
@@ -222,17 +222,12 @@ def _run_float_model(model: onnx.ModelProto, samples: list[dict]) -> None:
     try:
         session = make_session(model)
     except Exception as error:
-        raise QCompileError(f"ONNX Runtime cannot load the model: {_first_line(error)}") from None
+        raise QCompileError(f"ONNX Runtime cannot load the model: {first_line(error)}") from None
     for index, feed in enumerate(samples):
         try:
             session.run(None, feed)
         except Exception as error:
-            raise QCompileError(f"ONNX Runtime cannot run the model on sample {index}: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+            raise QCompileError(f"ONNX Runtime cannot run the model on sample {index}: {first_line(error)}") from None
 
 
 def _is_torch_module(source) -> bool:

@@ -42,7 +42,7 @@ def export_for_compile(module: torch.nn.Module, example_inputs) -> onnx.ModelPro
     """Any module -> ONNX for qcompile.compile: `example_inputs` is a {name: array} dict (names
     become the graph's input names, as calibration data keys them) or a tuple of arrays (named
     after forward's parameters). Only the batch axis (0) is dynamic."""
-    from .errors import QCompileError
+    from .errors import QCompileError, first_line
 
     if example_inputs is None:
         raise QCompileError("compiling a torch.nn.Module needs example_inputs (a {name: array} dict or a tuple)")
@@ -57,5 +57,4 @@ def export_for_compile(module: torch.nn.Module, example_inputs) -> onnx.ModelPro
     try:
         return to_onnx(module, example_inputs, None, dynamic_axes=("batch",))
     except Exception as error:  # the exporter's many error types: the module is the user's
-        text = str(error).strip()
-        raise QCompileError(f"torch.onnx.export (dynamo) failed: {text.splitlines()[0] if text else type(error).__name__}") from None
+        raise QCompileError(f"torch.onnx.export (dynamo) failed: {first_line(error)}") from None
