@@ -31,6 +31,7 @@ class StreamingHistogram:
     counts: np.ndarray = field(default=None)
     minimum: float = np.inf
     maximum: float = -np.inf
+    nonfinite: int = 0  # values no grid can hold (a -inf mask): such a tensor is kept float
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -38,7 +39,10 @@ class StreamingHistogram:
 
     def update(self, values: np.ndarray) -> None:
         values = values.ravel()
-        values = values[np.isfinite(values)]  # a -inf mask value is no range to cover
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.nonfinite += int(values.size - finite.sum())
+            values = values[finite]
         if values.size == 0:
             return
         low, high = float(values.min()), float(values.max())

@@ -100,7 +100,8 @@ def plan(state: CompileState) -> None:
         raise QCompileError("quantizing activations needs calibration data (--calib)")
     if state.config.lut_weights:
         if not find_lut_weights(state.context.graph, state.config.lut_ops):
-            raise QCompileError(f"--weights nl/affine: the model has no constant {', '.join(state.config.lut_ops)} weight")
+            raise QCompileError(f"the model has no constant {'/'.join(state.config.lut_ops)} weight to store as "
+                                "lookup tables; --weights int8 --acts int8 quantizes its activations")
         if state.calib is None and state.config.target_sqnr is not None:
             raise QCompileError("--target-sqnr is measured on calibration data: give --calib")
 
@@ -114,6 +115,11 @@ def calibrate(state: CompileState) -> None:
         histograms = calibration.collect_histograms(
             state.reference, [s.tensor for s in calibrated],
             batched(_reiterable(state), state.inputs, config.calib_batch_size), threads=DETERMINISTIC_THREADS)
+    op_types = {node.name: node.op for node in state.context.graph.nodes}
+    for spec in calibrated:
+        if histograms[spec.tensor].nonfinite:  # no integer grid holds +-inf or NaN: quantizing would corrupt it
+            plan_.keep_float(spec.tensor, "an input takes +-inf or NaN on calibration data (a mask?)", op_types)
+            del histograms[spec.tensor]
     unseen = [name for name, histogram in histograms.items() if not histogram.counts.any()]
     if unseen:
         raise QCompileError(f"no finite calibration value reached {len(unseen)} activations ({', '.join(unseen[:3])}): "

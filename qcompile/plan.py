@@ -80,5 +80,10 @@ class QuantPlan:
                               existing.fixed_range or spec.fixed_range)
         self.specs[spec.tensor] = spec
 
+    def keep_float(self, tensor: str, reason: str, op_types: dict[str, str]) -> None:
+        """Withdraw a tensor's spec: each node that would have read it quantized is listed as kept float."""
+        spec = self.specs.pop(tensor)
+        self.skipped.extend(SkippedNode(node, op_types[node], reason) for node, _ in spec.consumers)
+
     def of_kind(self, kind: str) -> list[TensorSpec]:
         return [spec for spec in self.specs.values() if spec.kind == kind]

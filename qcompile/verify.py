@@ -87,8 +87,10 @@ def row_cosines(reference: np.ndarray, approximation: np.ndarray) -> list[float]
         return []
     a = reference.reshape(len(reference), -1).astype(np.float64) if reference.ndim else reference.reshape(1, 1)
     b = approximation.reshape(a.shape).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return list(np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), 1.0))
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    norms = norm_a * norm_b
+    same_zero = np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0)  # two zero rows agree; one zero row does not
+    return list(np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), same_zero))
 
 
 def _rounded(value: float) -> float | str:

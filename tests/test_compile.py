@@ -143,3 +143,25 @@ def test_int4_weights_use_a_seven_level_grid(tiny_bert):
     int8 = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(weights="int8", acts="none"), calib=tiny_bert["calib"],
                             verify_data=tiny_bert["eval"]).manifest["verification"]["outputs"]["sentence_embedding"]["sqnr_db"]
     assert 5.0 < int4 < int8 - 10.0  # about 6 dB per bit
+
+
+def test_row_cosines_one_zero_row_is_no_agreement():
+    from qcompile.verify import row_cosines
+
+    reference = np.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
+    approximation = np.array([[2.0, 4.0], [0.0, 0.0], [1.0, 0.0]])
+    np.testing.assert_allclose(row_cosines(reference, approximation), [1.0, 1.0, 0.0])
+    assert row_cosines(approximation[2:], reference[2:]) == [0.0]
+
+
+def test_an_activation_carrying_infinities_stays_float():
+    """-inf (a mask) fits no integer grid: its consumer is kept float, with the reason, and the rest quantized."""
+    from conftest import matmul_model
+
+    samples = [{"x": np.random.default_rng(i).standard_normal((1, 3)).astype(np.float32)} for i in range(8)]
+    samples[2]["x"][0, 1] = -np.inf
+    artifact = qcompile.compile(matmul_model(), qcompile.QuantConfig(verify_fraction=0.0), calib=samples)
+    plan = artifact.manifest["plan"]
+    assert [(t["tensor"], t["kind"]) for t in plan["tensors"]] == [("w", "weight")]
+    assert plan["kept_float"] == [{"node": "MatMul_0", "op_type": "MatMul",
+                                   "reason": "an input takes +-inf or NaN on calibration data (a mask?)"}]

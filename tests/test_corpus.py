@@ -71,6 +71,7 @@ SAMPLE = [
     ("simple/test_gradient_of_add", "w8a8", ERR, "training-domain Gradient op"),
     ("simple/test_sequence_model1", "w8a8", ART, "sequence ops inside the graph"),
     ("light/squeezenet", "w8a8", ART, "weights made by ConstantOfShape nodes"),
+    ("light/squeezenet", "int4", ART, "ConstantOfShape weights folded into lookup-table weights"),
     # every weight format on opset 7-21 models with weights
     *[(case, fmt, ART, f"weight format {fmt}")
       for case in ("pytorch-converted/test_Conv2d", "pytorch-converted/test_Linear")

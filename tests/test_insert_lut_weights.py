@@ -141,7 +141,7 @@ def test_lut_weights_without_a_weight_are_a_clear_error():
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    with pytest.raises(qcompile.QCompileError, match="has no constant MatMul, Gemm, Conv, Gather weight"):
+    with pytest.raises(qcompile.QCompileError, match="has no constant MatMul/Gemm/Conv/Gather weight to store as lookup tables"):
         qcompile.compile(model, qcompile.QuantConfig(weights="affine", acts="none", bits=4))
 
 
