@@ -71,7 +71,8 @@ def refuse_unsupported(model: onnx.ModelProto) -> None:
         for value in values:
             if not value.type.HasField("tensor_type"):
                 kind = (value.type.WhichOneof("value") or "unknown").replace("_type", "")
-                raise QCompileError(f"{what} {value.name!r} is a {kind}, not a tensor; qcompile compiles models "
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise QCompileError(f"{what} {value.name!r} is {article} {kind}, not a tensor; qcompile compiles models "
                                     "with tensor inputs and outputs only")
     half = Counter(HALF_TYPES[t.data_type] for t in model.graph.initializer if t.data_type in HALF_TYPES)
     half.update(HALF_TYPES[v.type.tensor_type.elem_type] for v in model.graph.input
