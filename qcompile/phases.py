@@ -83,7 +83,8 @@ def load(state: CompileState) -> None:
     checked = list(itertools.islice(state.verify_feeds or _reiterable(state), CHECK_SAMPLES))
     min_opset = intake.LUT_OPSET if config.lut_weights else intake.QDQ_OPSET
     prepared, state.intake = intake.prepare(state.float_model, min_opset, checked)
-    _run_float_model(prepared, checked)
+    if not (state.intake.conversion_check or {}).get("samples"):  # a checked conversion already ran it
+        _run_float_model(prepared, checked)
     state.context = CompileContext.from_model(prepared, config)
 
 
