@@ -42,7 +42,6 @@ class Intake:
     conversion_check: dict | None = None  # {"samples", "reference", "max_abs_diff", "max_abs_output"} when converted
     constants_from_inputs: int = 0
     subgraph_linear_ops: dict = field(default_factory=dict)  # op type -> count inside control-flow bodies
-    linear_ops: int = 0  # MatMul / Gemm / Conv in the main graph
 
     def to_dict(self) -> dict:
         return {"opset": {"from": self.opset_from, "to": self.opset_to, "check": self.conversion_check},
@@ -84,7 +83,8 @@ def refuse_unsupported(model: onnx.ModelProto) -> None:
 
 
 def prepare(model: onnx.ModelProto, min_opset: int, samples: list[dict]) -> tuple[onnx.ModelProto, Intake]:
-    """The model (loaded by graph.load_model, which refuses what qcompile cannot compile) with constants as constants and at least `min_opset`, and the record of it.
+    """The model (loaded by graph.load_model, which refuses what qcompile cannot compile) with
+    constants as constants and at least `min_opset`, and the record of it.
     `samples`: a few feeds to check an opset conversion on (none: the check is recorded as skipped)."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
@@ -97,7 +97,6 @@ def prepare(model: onnx.ModelProto, min_opset: int, samples: list[dict]) -> tupl
         intake.conversion_check = _check_conversion(model, prepared, samples, opset, min_opset)
     minimum_ir = onnx.helper.find_min_ir_version_for(list(prepared.opset_import), ignore_unknown=True)
     prepared.ir_version = max(prepared.ir_version, minimum_ir)
-    intake.linear_ops = sum(n.op_type in LINEAR_OPS for n in prepared.graph.node)
     inner = Counter(n.op_type for node in prepared.graph.node for graph in _subgraphs(node)
                     for n in _all_nodes(graph) if n.op_type in LINEAR_OPS)
     intake.subgraph_linear_ops = dict(sorted(inner.items()))
