@@ -3,6 +3,7 @@
 Pattern -> rewrite, for each spec with calibrated parameters:
     activation x -> consumer      ->  x -> QuantizeLinear -> DequantizeLinear -> consumer
     weight W (float) -> consumer  ->  W_q (int8 initializer) -> DequantizeLinear(axis) -> consumer
+    bias b (float) -> Conv / Gemm ->  b_q (int32 initializer) -> DequantizeLinear(axis 0) -> Conv / Gemm
 Only the planned (consumer, input) pairs are rewired; other readers keep the float tensor, and a
 float weight nobody reads any more is dropped. Names derive from the tensor's, so the output is
 deterministic.
@@ -40,7 +41,7 @@ def _dequantized(graph: gs.Graph, tensor: gs.Tensor, spec: TensorSpec, params: Q
     scale = gs.Constant(f"{spec.tensor}_scale", params.scale)
     zero_point = gs.Constant(f"{spec.tensor}_zero_point", params.zero_point)
     axis_attrs = {"axis": spec.axis} if spec.axis is not None else {}
-    if spec.kind == "weight":
+    if spec.kind in ("weight", "bias"):
         values = tensor.values
         broadcast = _per_channel_shape(values.ndim, spec.axis)
         codes = quantize(values, params.scale.reshape(broadcast), params.zero_point.reshape(broadcast).astype(np.float64), spec.grid)

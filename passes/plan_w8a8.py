@@ -1,14 +1,23 @@
-"""PlanW8A8: decide which tensors get 8-bit quantization, before any node is inserted.
+"""PlanW8A8: decide which node groups run as ONNX Runtime CPU integer kernels, before any node is inserted.
 
-Pattern -> plan (the graph is not changed):
-    MatMul / Gemm / Conv with a constant float weight  ->  weight: int8 (or int4) symmetric, per output channel
-    Gather from a constant float table (embedding)     ->  weight: the same, per last-axis channel
-    their float activation input(s)                     ->  activation: uint8, per tensor, calibrated
-    MatMul of two activations (attention Q.K^T, P.V)    ->  both inputs (if quantize_attention)
-    ... whose input is a Softmax or Sigmoid output      ->  uint8 with the fixed range [0, 1]
-    ... or the output of a Clip with constant bounds    ->  uint8 with those bounds (clipped softmax: [0, 1])
-    Add of two activations of one shape (residual)      ->  both inputs (if quantize_residual_adds)
-Every other compute node stays in float and is listed, with the reason, in plan.skipped.
+A group is a node plus the tensors ONNX Runtime needs quantized to fuse it (its QDQ selectors):
+    Conv with a constant weight       ->  input, weight (per output channel), int32 bias, output  ->  QLinearConv
+    Gemm with a constant weight       ->  input, weight, int32 bias (float output*)               ->  QGemm
+    MatMul with a constant weight     ->  input, weight (float output*)                           ->  MatMulIntegerToFloat
+    MatMul of two activations         ->  both inputs (if quantize_attention)                     ->  MatMulIntegerToFloat
+    Add / Mul of two activations, Concat, GlobalAveragePool, AveragePool, Sigmoid, LeakyRelu
+                                      ->  inputs and output                                       ->  QLinearAdd, ...
+    MaxPool, Reshape, Transpose, ...  ->  input, and output at the same scale                     ->  runs on the codes
+    Gather from a constant table      ->  the table (per last-axis channel)
+(*) quantized for every reader, and the kernel QGemm / QLinearMatMul, when an integer reader
+quantizes it: ONNX Runtime fuses a node only if its output feeds QuantizeLinear nodes alone, or none.
+An output behind a Relu or a Clip with constant bounds is quantized after it (ONNX Runtime drops
+the Relu/Clip into the QuantizeLinear). Groups of the last three kinds are optional: integer only
+when a reader of their output is, since otherwise their rounding buys no speed. A Softmax /
+Sigmoid output gets the fixed range [0, 1], a Clip output its bounds. Every other compute node
+(HardSwish, LayerNormalization, ...) stays float, listed with the reason in plan.skipped; so does
+a node whose weight would only be dequantized on every run.
+With acts "none" only weights are planned (weight-only: smaller, not faster).
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.pipeline import CompileContext, PassResult
-from qcompile.plan import QuantPlan, SkippedNode, TensorSpec
+from qcompile.plan import NodeGroup, QuantPlan, SkippedNode, TensorSpec
 
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 # Ops that move or select data; they carry no arithmetic worth listing as "kept in float".
@@ -24,6 +33,12 @@ DATA_MOVEMENT_OPS = {
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "GatherND",
     "GatherElements", "Shape", "Expand", "Cast", "Range", "Identity", "Split", "Constant", "ConstantOfShape",
 }
+# Integer kernels with quantized inputs and output (ONNX Runtime's CPU QDQ selectors).
+ELEMENTWISE_KERNELS = {"Add": "QLinearAdd", "Mul": "QLinearMul", "Concat": "QLinearConcat",
+                       "GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool",
+                       "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu"}
+# Ops ONNX Runtime runs on the integer codes when input and output share one scale.
+SAME_SCALE_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 PROBABILITY_OPS = ("Softmax", "Sigmoid")  # outputs in [0, 1] whatever the input: no calibration needed
 PROBABILITY_RANGE = (0.0, 1.0)
 
@@ -33,57 +48,131 @@ class PlanW8A8:
 
     def run(self, context: CompileContext) -> PassResult:
         config, plan = context.config, QuantPlan()
+        outputs = {tensor.name for tensor in context.graph.outputs}
         for node in context.graph.nodes:
             if node.op in LINEAR_OPS:
-                _plan_linear(node, plan, config.qdq_weights, config.acts != "none", config.quantize_attention)
+                _plan_linear(node, plan, config, outputs)
             elif node.op == "Gather" and config.qdq_weights != "none" and _is_table(node.inputs[0]):
-                plan.add(TensorSpec(node.inputs[0].name, "weight", config.qdq_weights, _table_axis(node), ((node.name, 0),),
-                                    "Gather table (embedding)"))
-            elif node.op == "Add" and config.acts != "none" and config.quantize_residual_adds and _is_residual(node):
-                for index, tensor in enumerate(node.inputs):
-                    plan.add(_activation(tensor, node, index, "residual Add input"))
-            elif node.op not in DATA_MOVEMENT_OPS:
+                plan.add_group(NodeGroup(node.name, node.op, "Gather", (TensorSpec(
+                    node.inputs[0].name, "weight", config.qdq_weights, _table_axis(node), ((node.name, 0),),
+                    "Gather table (embedding)"),)))
+            elif config.acts != "none" and _plan_elementwise(node, plan, config, outputs):
+                pass
+            elif node.op not in DATA_MOVEMENT_OPS and node.op not in SAME_SCALE_OPS:
                 plan.skipped.append(SkippedNode(node.name, node.op, _float_reason(node)))
+        plan.resolve()
         context.plan = plan
-        return PassResult(0, f"{len(plan.of_kind('weight'))} weights, {len(plan.of_kind('activation'))} activations, "
-                             f"{len(plan.skipped)} nodes kept in float")
+        return PassResult(0, f"{len(plan.integer)} node groups, {len(plan.of_kind('weight'))} weights, "
+                             f"{len(plan.of_kind('activation'))} activations, {len(plan.skipped)} nodes kept in float")
 
 
-def _plan_linear(node: gs.Node, plan: QuantPlan, weight_dtype: str, acts: bool, attention: bool) -> None:
-    weights = weight_dtype != "none"
-    data_inputs = node.inputs[:2]  # Gemm's C and Conv's B are biases: kept in float
-    constant = [isinstance(t, gs.Constant) for t in data_inputs]
+def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]) -> None:
+    acts, weights = config.acts != "none", config.qdq_weights != "none"
+    data_inputs = node.inputs[:2]
     if not all(_is_float(t) for t in data_inputs):
-        plan.skipped.append(SkippedNode(node.name, node.op, "non-float inputs"))
-        return
-    if not any(constant):
-        if not attention or not acts:
-            plan.skipped.append(SkippedNode(node.name, node.op, "activation x activation MatMul not quantized by config"))
-            return
-        for index, tensor in enumerate(data_inputs):
-            plan.add(_activation(tensor, node, index, "attention MatMul input"))
-        return
-    for index, tensor in enumerate(data_inputs):
-        if isinstance(tensor, gs.Constant):
-            if weights:
-                plan.add(TensorSpec(tensor.name, "weight", weight_dtype, _channel_axis(node, index, tensor), ((node.name, index),),
-                                    f"{node.op} weight"))
-        elif acts:
-            plan.add(_activation(tensor, node, index, f"{node.op} input"))
-    if not weights and not acts:
-        plan.skipped.append(SkippedNode(node.name, node.op, "quantization disabled by config"))
+        return plan.skipped.append(SkippedNode(node.name, node.op, "non-float inputs"))
+    weight_index = next((i for i, t in enumerate(data_inputs) if isinstance(t, gs.Constant)), None)
+    if weight_index is None:
+        if not (config.quantize_attention and acts):
+            return plan.skipped.append(SkippedNode(node.name, node.op, "activation x activation MatMul not quantized by config"))
+        if node.op != "MatMul":
+            return plan.skipped.append(SkippedNode(node.name, node.op, "no integer kernel without a constant weight"))
+        return plan.add_group(NodeGroup(node.name, node.op, "MatMulIntegerToFloat", tuple(
+            _activation(t, node, i, "attention MatMul input") for i, t in enumerate(data_inputs)),
+            tied_output=_tied_output(node, graph_outputs)))
+    if not weights:
+        return plan.skipped.append(SkippedNode(node.name, node.op, "quantization disabled by config"))
+    weight = data_inputs[weight_index]
+    weight_spec = TensorSpec(weight.name, "weight", config.qdq_weights, _channel_axis(node, weight_index, weight),
+                             ((node.name, weight_index),), f"{node.op} weight")
+    if not acts:  # weight-only: stored small, dequantized at load
+        return plan.add_group(NodeGroup(node.name, node.op, "", (weight_spec,)))
+    if weight_index != 1:
+        return plan.skipped.append(SkippedNode(node.name, node.op, "the constant is the first operand: no integer kernel"))
+    activation = data_inputs[0]
+    specs = [_activation(activation, node, 0, f"{node.op} input"), weight_spec]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.op != "MatMul" else None
+    if bias is not None:
+        if not _is_channel_bias(node, bias, weight):
+            return plan.skipped.append(SkippedNode(node.name, node.op, "its bias is not a constant per-channel vector: "
+                                                                       "no integer kernel"))
+        specs.append(TensorSpec(bias.name, "bias", "int32", 0, ((node.name, 2),), f"{node.op} bias",
+                                operands=(activation.name, weight.name)))
+    kernel = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}[node.op]
+    if node.op == "Conv":  # QLinearConv writes integers: its output must be quantized
+        output = _quantized_output(node, graph_outputs)
+        if output is None:
+            return plan.skipped.append(SkippedNode(node.name, node.op, "its output is a graph output: ONNX Runtime "
+                                                                       "has no integer Conv with a float output"))
+        specs.append(output)
+    plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs),
+                             tied_output=None if node.op == "Conv" else _tied_output(node, graph_outputs)))
 
 
-def _activation(tensor: gs.Tensor, node: gs.Node, index: int, reason: str) -> TensorSpec:
+def _tied_output(node: gs.Node, graph_outputs: set[str]) -> TensorSpec | None:
+    output = node.outputs[0]
+    return None if output.name in graph_outputs else _output_spec(output, f"{node.op} output (another integer kernel reads it)")
+
+
+def _plan_elementwise(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]) -> bool:
+    """Plan an optional integer group for an elementwise or same-scale op; False if it is neither."""
+    if node.op in ELEMENTWISE_KERNELS:
+        if node.op == "Add" and not config.quantize_residual_adds:
+            return False
+        inputs = node.inputs if node.op == "Concat" else node.inputs[:1 if node.op not in ("Add", "Mul") else 2]
+        if not inputs or not all(_is_float(t) and not isinstance(t, gs.Constant) for t in inputs):
+            return False
+        output = _quantized_output(node, graph_outputs)
+        if output is None:
+            return False
+        specs = tuple(_activation(t, node, i, f"{node.op} input") for i, t in enumerate(inputs)) + (output,)
+        kernel = ELEMENTWISE_KERNELS[node.op]
+    elif node.op in SAME_SCALE_OPS:
+        source = node.inputs[0]
+        if not _is_float(source) or isinstance(source, gs.Constant) or node.outputs[0].name in graph_outputs:
+            return False
+        output = _output_spec(node.outputs[0], f"{node.op} output, at its input's scale", same_as=source.name)
+        specs, kernel = (_activation(source, node, 0, f"{node.op} input"), output), f"{node.op} on uint8"
+    else:
+        return False
+    readers = tuple(name for name, _ in specs[-1].consumers)
+    plan.add_group(NodeGroup(node.name, node.op, kernel, specs, optional=True, readers=readers))
+    return True
+
+
+def _quantized_output(node: gs.Node, graph_outputs: set[str]) -> TensorSpec | None:
+    """The spec of the node's output, taken behind a lone Relu / constant Clip; None if a graph output."""
+    tensor = node.outputs[0]
+    follower = tensor.outputs[0] if len(tensor.outputs) == 1 and tensor.name not in graph_outputs else None
+    if follower is not None and (follower.op == "Relu" or (follower.op == "Clip" and _constant_bounds(follower))):
+        tensor = follower.outputs[0]
+    if tensor.name in graph_outputs or not _is_float(tensor):
+        return None
+    producer = tensor.inputs[0]
+    return _output_spec(tensor, f"{node.op} output" + (f" after {producer.op}" if producer is not node else ""))
+
+
+def _output_spec(tensor: gs.Tensor, reason: str, same_as: str | None = None) -> TensorSpec:
+    """Every reader takes the quantized value: ONNX Runtime fuses only a node whose output feeds a
+    QuantizeLinear alone."""
+    readers = tuple((consumer.name, index) for consumer in tensor.outputs
+                    for index, t in enumerate(consumer.inputs) if t is tensor)
+    spec = _activation(tensor, None, 0, reason) if same_as is None else TensorSpec(
+        tensor.name, "activation", "uint8", None, (), reason, same_as=same_as)
+    return TensorSpec(spec.tensor, spec.kind, spec.dtype, None, readers, spec.reason, spec.fixed_range, spec.same_as)
+
+
+def _activation(tensor: gs.Tensor, node: gs.Node | None, index: int, reason: str) -> TensorSpec:
+    consumers = ((node.name, index),) if node is not None else ()
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is not None and producer.op in PROBABILITY_OPS:
-        return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),),
+        return TensorSpec(tensor.name, "activation", "uint8", None, consumers,
                           f"{producer.op.lower()} output", fixed_range=PROBABILITY_RANGE)
     if producer is not None and producer.op == "Clip" and _constant_bounds(producer):
         low, high = _constant_bounds(producer)
-        return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),),
+        return TensorSpec(tensor.name, "activation", "uint8", None, consumers,
                           f"Clip output, range [{low:g}, {high:g}] known", fixed_range=(low, high))
-    return TensorSpec(tensor.name, "activation", "uint8", None, ((node.name, index),), reason)
+    return TensorSpec(tensor.name, "activation", "uint8", None, consumers, reason)
 
 
 def _constant_bounds(clip: gs.Node) -> tuple[float, float] | None:
@@ -106,6 +195,13 @@ def _channel_axis(node: gs.Node, index: int, weight: gs.Constant) -> int | None:
     return rank - 1 if index == 1 and rank >= 2 else None  # MatMul: B is (..., K, N)
 
 
+def _is_channel_bias(node: gs.Node, bias: gs.Tensor, weight: gs.Constant) -> bool:
+    """A constant float vector of one value per output channel, added as is (Gemm: beta = 1)."""
+    channels = weight.shape[_channel_axis(node, 1, weight)]
+    return (isinstance(bias, gs.Constant) and _is_float(bias) and list(bias.shape) == [channels]
+            and node.attrs.get("beta", 1.0) == 1.0 and node.attrs.get("alpha", 1.0) == 1.0)
+
+
 def _is_table(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Constant) and _is_float(tensor) and len(tensor.shape) >= 2
 
@@ -116,20 +212,11 @@ def _table_axis(node: gs.Node) -> int | None:
     return rank - 1 if node.attrs.get("axis", 0) % rank != rank - 1 else None
 
 
-def _is_residual(node: gs.Node) -> bool:
-    """Both inputs are float activations of one fully known shape (no broadcasting, e.g. a mask)."""
-    a, b = node.inputs
-    if isinstance(a, gs.Constant) or isinstance(b, gs.Constant) or not (_is_float(a) and _is_float(b)):
-        return False
-    known = a.shape is not None and all(dim is not None for dim in a.shape)
-    return known and b.shape is not None and list(a.shape) == list(b.shape)
-
-
 def _is_float(tensor: gs.Tensor) -> bool:
     return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
 
 
 def _float_reason(node: gs.Node) -> str:
-    if node.op == "Add":
-        return "Add with a constant or broadcast input (bias or mask), not a residual"
-    return "no integer kernel planned for this op"
+    if node.op in ("Add", "Mul"):
+        return f"{node.op} with a constant input (a bias or a scale): no integer kernel planned"
+    return "no integer kernel for this op in ONNX Runtime's CPU provider"

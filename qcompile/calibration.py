@@ -19,6 +19,11 @@ from .plan import QuantParams, TensorSpec
 from .runtime import make_session, with_extra_outputs
 
 HISTOGRAM_BINS = 16384
+# Weight scales never go below this: a near-dead channel's MSE scale can be a denormal (2.5e-42 seen
+# on EfficientNet-Lite0), which no int32 bias or requantization multiplier survives.
+WEIGHT_SCALE_FLOOR = 1e-12
+# Largest |int32 bias| allowed, leaving the accumulator headroom for the sum of the products.
+BIAS_LIMIT = 2**30
 
 
 @dataclass
@@ -114,6 +119,16 @@ def weight_params(weight: np.ndarray, axis: int | None, grid: numerics.IntGrid, 
         scale, zero_point = numerics.params_from_range(rows.min(axis=1), rows.max(axis=1), grid)
     else:
         scale, zero_point = numerics.mse_params(rows, grid)
+    scale = np.maximum(scale, WEIGHT_SCALE_FLOOR)
     if axis is None:
         scale, zero_point = scale[0], zero_point[0]
     return QuantParams.make(scale, zero_point, grid)
+
+
+def bias_params(bias: np.ndarray, source: QuantParams, weight: QuantParams) -> tuple[QuantParams, QuantParams]:
+    """(weight, bias) parameters for an integer kernel's int32 bias, whose scale is input scale x
+    weight scale per channel. Weight scales are raised where the bias would not fit in BIAS_LIMIT."""
+    needed = np.abs(bias.astype(np.float64)) / (float(source.scale) * BIAS_LIMIT)
+    weight = QuantParams(np.maximum(weight.scale, needed).astype(np.float32), weight.zero_point)
+    bias_scale = (source.scale * weight.scale).astype(np.float32)
+    return weight, QuantParams.make(np.broadcast_to(bias_scale, bias.shape), np.zeros(bias.shape), numerics.INT32)

@@ -13,6 +13,7 @@ from .errors import InternalError, QCompileError, first_line
 
 # Where more than this share of the linear compute stays float, the summary says so loudly.
 FLOAT_SHARE_WARNING = 0.25
+SHOWN_UNFUSED = 5  # compute nodes ONNX Runtime left in float, named on the console
 
 
 @click.group()
@@ -219,6 +220,14 @@ def _print_summary(manifest: dict, output: Path) -> None:
         click.echo(f"{lead}{coverage['kept_float']} of {coverage['linear_ops']} MatMul/Gemm/Conv nodes stay float:")
         for reason, count in coverage["reasons"].items():
             click.echo(f"  {count:>4}  {reason}")
+    deployed = manifest["deployed"]
+    if manifest["config"]["acts"] != "none" and deployed["by_op"]:
+        unfused = deployed["float"]
+        click.echo(f"ONNX Runtime runs {deployed['summary']}" + (":" if unfused else ""))
+        for node, kernel in list(unfused.items())[:SHOWN_UNFUSED]:
+            click.echo(f"  float: {node} ({kernel})")
+        if len(unfused) > SHOWN_UNFUSED:
+            click.echo(f"  ... and {len(unfused) - SHOWN_UNFUSED} more (report.html lists them)")
     verification = manifest["verification"]
     if verification:
         click.echo(f"verification on {verification['samples']} held-out samples:")

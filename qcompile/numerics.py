@@ -30,6 +30,8 @@ class IntGrid:
 # Restricted symmetric int8 (-127..127): zero point 0 and no saturation in int8 x int8 dot products.
 INT8_SYMMETRIC = IntGrid(-127, 127, np.int8)
 UINT8 = IntGrid(0, 255, np.uint8)
+# Biases of integer Conv/Gemm kernels, at scale input scale x weight scale.
+INT32 = IntGrid(-(2**31 - 1), 2**31 - 1, np.int32)
 # 4-bit codes held one per byte in int8 tensors (no packing yet).
 INT4_SYMMETRIC = IntGrid(-7, 7, np.int8)
 

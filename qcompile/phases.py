@@ -21,11 +21,12 @@ import onnx_graphsurgeon as gs
 from . import __version__, calibration, intake, report
 from .artifact import Artifact
 from .config import QuantConfig
+from .deployed import DeployedKernels, deployed_kernels
 from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_holdout
 from .errors import QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
-from .passes import (DequantizeAfterGather, FoldClippedSoftmax, InsertLutWeights, InsertQDQ, MergeGateProjection,
+from .passes import (DequantizeAfterGather, FoldBatchNorm, FoldClippedSoftmax, InsertLutWeights, InsertQDQ, MergeGateProjection,
                      NormalizeGraph, PlanW8A8)
 from .passes.insert_lut_weights import find_lut_weights
 from .pipeline import CompileContext, PassRecord, Pipeline
@@ -61,6 +62,7 @@ class CompileState:
     lut_nodes: set = field(default_factory=set)
     figures: tuple = ()
     # verify, describe
+    deployed: DeployedKernels | None = None
     verification: dict | None = None
     artifact: Artifact | None = None
 
@@ -89,8 +91,9 @@ def load(state: CompileState) -> None:
 
 
 def normalize(state: CompileState) -> None:
-    """Unique node names, constants as initializers, attention patterns folded."""
-    state.records += Pipeline([NormalizeGraph(), FoldClippedSoftmax(), MergeGateProjection()]).run(state.context)
+    """Unique node names, constants as initializers, BatchNormalization and attention patterns folded."""
+    state.records += Pipeline([NormalizeGraph(), FoldBatchNorm(), FoldClippedSoftmax(),
+                               MergeGateProjection()]).run(state.context)
 
 
 def plan(state: CompileState) -> None:
@@ -116,11 +119,10 @@ def calibrate(state: CompileState) -> None:
         histograms = calibration.collect_histograms(
             state.reference, [s.tensor for s in calibrated],
             batched(_reiterable(state), state.inputs, config.calib_batch_size), threads=DETERMINISTIC_THREADS)
-    op_types = {node.name: node.op for node in state.context.graph.nodes}
     for spec in calibrated:
         if histograms[spec.tensor].nonfinite:  # no integer grid holds +-inf or NaN: quantizing would corrupt it
-            plan_.keep_float(spec.tensor, "an input takes +-inf or NaN on calibration data (a mask?)", op_types)
-            del histograms[spec.tensor]
+            plan_.keep_float(spec.tensor, "an input takes +-inf or NaN on calibration data (a mask?)")
+    histograms = {name: h for name, h in histograms.items() if name in plan_.specs}
     unseen = [name for name, histogram in histograms.items() if not histogram.counts.any()]
     if unseen:
         raise QCompileError(f"no finite calibration value reached {len(unseen)} activations ({', '.join(unseen[:3])}): "
@@ -132,9 +134,18 @@ def calibrate(state: CompileState) -> None:
         solved = pool.map(lambda spec: calibration.weight_params(constants[spec.tensor], spec.axis, spec.grid,
                                                                  config.calib_method), weight_specs)
         plan_.params.update(zip((spec.tensor for spec in weight_specs), solved))
-    for spec in plan_.of_kind("activation"):
-        plan_.params[spec.tensor] = calibration.activation_params(
-            spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
+    activations = plan_.of_kind("activation")
+    for spec in activations:
+        if spec.same_as is None:
+            plan_.params[spec.tensor] = calibration.activation_params(
+                spec, histograms.get(spec.tensor), config.calib_method, config.percentile)
+    for spec in activations:
+        if spec.same_as is not None:
+            plan_.params[spec.tensor] = plan_.params[spec.same_as]
+    for spec in plan_.of_kind("bias"):
+        source, weight = spec.operands
+        plan_.params[weight], plan_.params[spec.tensor] = calibration.bias_params(
+            constants[spec.tensor], plan_.params[source], plan_.params[weight])
 
 
 def search(state: CompileState) -> None:
@@ -175,7 +186,9 @@ def rewrite(state: CompileState) -> None:
 
 
 def verify(state: CompileState) -> None:
-    """Output and per-layer SQNR against the float model on held-out samples."""
+    """Which compute nodes ONNX Runtime runs as integer kernels in the model as deployed; its output
+    SQNR, and per-layer SQNR, against the float model on held-out samples."""
+    state.deployed = deployed_kernels(state.context.model)
     if state.verify_feeds:
         layers = _quantized_layers(state.context.plan, state.reference, state.lut_nodes)
         state.verification = verify_model(state.reference, state.context.model, state.verify_feeds, layers).to_dict()
@@ -194,6 +207,7 @@ def describe(state: CompileState) -> None:
         "plan": _plan_summary(context.plan),
         "coverage": _coverage(state),
         "lut_weights": state.lut_summary,
+        "deployed": state.deployed.to_dict(),
         "verification": state.verification,
         "custom_op_library": LUT_DOMAIN if config.lut_weights else None,
     }
@@ -242,19 +256,19 @@ def _is_torch_module(source) -> bool:
 
 
 def _calibrated_specs(plan_: QuantPlan):
-    return [s for s in plan_.of_kind("activation") if s.fixed_range is None]
+    return [s for s in plan_.of_kind("activation") if s.fixed_range is None and s.same_as is None]
 
 
 def _quantized_layers(plan_: QuantPlan, model: onnx.ModelProto, extra_nodes=frozenset()) -> list[tuple[str, str, str]]:
-    """(node, op, first output) of each node that reads a quantized tensor, in graph order."""
-    consumers = {name for spec in plan_.specs.values() for name, _ in spec.consumers} | set(extra_nodes)
+    """(node, op, first output) of each integer node group and each lookup-table node, in graph order."""
+    consumers = {g.node for g in plan_.groups if g.node in plan_.integer} | set(extra_nodes)
     return [(n.name, n.op_type, n.output[0]) for n in model.graph.node if n.name in consumers]
 
 
 def _coverage(state: CompileState) -> dict:
     """How much of the linear compute (MatMul / Gemm / Conv) was quantized, and why the rest was not."""
     plan_ = state.context.plan
-    quantized = {name for spec in plan_.specs.values() for name, _ in spec.consumers} | state.lut_nodes
+    quantized = plan_.integer | state.lut_nodes
     linear = [n for n in state.reference.graph.node if n.op_type in intake.LINEAR_OPS]
     kept = {s.node: s.reason for s in plan_.skipped if s.op_type in intake.LINEAR_OPS}
     reasons: dict[str, int] = {}

@@ -5,20 +5,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .numerics import INT4_SYMMETRIC, INT8_SYMMETRIC, UINT8, IntGrid
+from .numerics import INT4_SYMMETRIC, INT8_SYMMETRIC, INT32, UINT8, IntGrid
 
-GRIDS = {"int8": INT8_SYMMETRIC, "int4": INT4_SYMMETRIC, "uint8": UINT8}
+GRIDS = {"int8": INT8_SYMMETRIC, "int4": INT4_SYMMETRIC, "uint8": UINT8, "int32": INT32}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """How one tensor is quantized, and which node inputs read the quantized value.
 
-    kind: "weight" (a constant, quantized once at compile time) or "activation" (calibrated).
-    dtype: "int8" (symmetric, -127..127), "int4" (symmetric, -7..7, held in int8) or "uint8"
-        (asymmetric, 0..255).
+    kind: "weight" (a constant, quantized once at compile time), "activation" (calibrated) or
+        "bias" (a constant, int32 at scale input scale x weight scale, as ONNX Runtime's integer
+        Conv and Gemm take it).
+    dtype: "int8" (symmetric, -127..127), "int4" (symmetric, -7..7, held in int8), "uint8"
+        (asymmetric, 0..255) or "int32" (biases).
     axis: the per-channel axis, or None for one scale per tensor.
     fixed_range: a range known from the math (softmax output: [0, 1]); no calibration needed.
+    same_as: another activation whose parameters this one takes (the output of a data-movement op
+        such as MaxPool or Reshape, which ONNX Runtime runs on the integer codes only when both
+        sides share scale and zero point).
+    operands: for a bias, its (activation input, weight) tensors, whose scales multiply to its own.
     consumers: (node name, input index) pairs rewired to the quantized value.
     reason: why the tensor is quantized, for the report.
     """
@@ -30,6 +36,8 @@ class TensorSpec:
     consumers: tuple[tuple[str, int], ...]
     reason: str
     fixed_range: tuple[float, float] | None = None
+    same_as: str | None = None
+    operands: tuple[str, str] | None = None
 
     @property
     def grid(self) -> IntGrid:
@@ -40,6 +48,7 @@ class TensorSpec:
             "tensor": self.tensor, "kind": self.kind, "dtype": self.dtype, "axis": self.axis,
             "consumers": [list(c) for c in self.consumers], "reason": self.reason,
             "fixed_range": list(self.fixed_range) if self.fixed_range else None,
+            **({"same_as": self.same_as} if self.same_as else {}),
         }
 
 
@@ -64,11 +73,67 @@ class SkippedNode:
     reason: str
 
 
+@dataclass(frozen=True)
+class NodeGroup:
+    """A node that ONNX Runtime runs as one integer kernel (`kernel`) when every tensor in `specs`
+    is quantized: its activation inputs, its weight and int32 bias, and its output where the kernel
+    writes integers (the output behind a Relu/Clip, which ONNX Runtime then drops).
+
+    optional: the group is worth it only if a group in `readers` (the nodes reading its output)
+    runs as an integer kernel too; otherwise its rounding would buy no speed (an Add feeding a
+    LayerNormalization).
+    tied_output: for a kernel with a float output (QGemm, MatMulIntegerToFloat), its output
+        quantized for every reader, used when any integer reader quantizes it: ONNX Runtime fuses
+        a node whose output feeds QuantizeLinear nodes only, or none.
+    """
+
+    node: str
+    op_type: str
+    kernel: str
+    specs: tuple[TensorSpec, ...]
+    optional: bool = False
+    readers: tuple[str, ...] = ()
+    tied_output: TensorSpec | None = None
+
+
 @dataclass
 class QuantPlan:
-    specs: dict[str, TensorSpec] = field(default_factory=dict)
+    """Candidate node groups in graph order; `specs` are those of the groups that stay integer."""
+
+    groups: list[NodeGroup] = field(default_factory=list)
     skipped: list[SkippedNode] = field(default_factory=list)
     params: dict[str, QuantParams] = field(default_factory=dict)
+    specs: dict[str, TensorSpec] = field(default_factory=dict)
+    floated: dict[str, str] = field(default_factory=dict)  # group node -> why it stays float
+    integer: set[str] = field(default_factory=set)  # the group nodes that run as integer kernels
+
+    def add_group(self, group: NodeGroup) -> None:
+        self.groups.append(group)
+
+    def resolve(self) -> None:
+        """Choose the integer groups (an optional group only if one of its readers is integer; graph
+        order is topological, so readers are decided first in reverse) and collect their specs."""
+        integer = self.integer = set()
+        reasons = dict(self.floated)
+        for group in reversed(self.groups):
+            if group.node in self.floated:
+                continue
+            if group.optional and not integer.intersection(group.readers):
+                reasons[group.node] = f"no integer kernel reads its output: an integer {group.op_type} would only add rounding"
+                continue
+            integer.add(group.node)
+        self.specs = {}
+        for group in self.groups:
+            if group.node in integer:
+                for spec in group.specs:
+                    self.add(spec)
+        for group in self.groups:
+            if group.node in integer and group.tied_output and group.tied_output.tensor in self.specs:
+                self.add(group.tied_output)
+        listed = {s.node for s in self.skipped}
+        self.skipped += [SkippedNode(g.node, g.op_type, reasons[g.node]) for g in self.groups
+                         if g.node in reasons and g.node not in listed]
+        self.skipped = [s for s in self.skipped if s.node not in integer]
 
     def add(self, spec: TensorSpec) -> None:
         """Add a spec, merging consumers with an existing spec of the same tensor."""
@@ -77,13 +142,17 @@ class QuantPlan:
             consumers = tuple(dict.fromkeys(existing.consumers + spec.consumers))
             reason = existing.reason if spec.reason in existing.reason else f"{existing.reason}; {spec.reason}"
             spec = TensorSpec(existing.tensor, existing.kind, existing.dtype, existing.axis, consumers, reason,
-                              existing.fixed_range or spec.fixed_range)
+                              existing.fixed_range or spec.fixed_range, existing.same_as or spec.same_as,
+                              existing.operands or spec.operands)
         self.specs[spec.tensor] = spec
 
-    def keep_float(self, tensor: str, reason: str, op_types: dict[str, str]) -> None:
-        """Withdraw a tensor's spec: each node that would have read it quantized is listed as kept float."""
-        spec = self.specs.pop(tensor)
-        self.skipped.extend(SkippedNode(node, op_types[node], reason) for node, _ in spec.consumers)
+    def keep_float(self, tensor: str, reason: str) -> None:
+        """Every group that needs `tensor` quantized stays float, and so do optional groups that
+        were worth it only for them."""
+        for group in self.groups:
+            if any(spec.tensor == tensor for spec in group.specs):
+                self.floated.setdefault(group.node, reason)
+        self.resolve()
 
     def of_kind(self, kind: str) -> list[TensorSpec]:
         return [spec for spec in self.specs.values() if spec.kind == kind]

@@ -32,8 +32,14 @@ def render(manifest: dict, figures: tuple[str, ...] = ()) -> str:
         parts.append(f"<h2>Verification on {verification['samples']} held-out samples</h2>")
         parts.append(table(["output", "SQNR (dB)", "mean cosine"],
                             [[n, v["sqnr_db"], v["cosine"]] for n, v in verification["outputs"].items()]))
+    deployed = manifest.get("deployed")
+    if deployed and deployed["by_op"]:
+        parts.append(f"<h2>As deployed: {html.escape(deployed['summary'])}</h2>")
+        parts.append("<p>Read from the graph ONNX Runtime optimizes for this model (CPU provider).</p>")
+        if deployed["float"]:
+            parts.append(table(["compute node left in float", "runs as"], [[n, k] for n, k in deployed["float"].items()]))
     if layers:
-        parts.append("<h2>Per-layer output SQNR</h2>")
+        parts.append(f"<h2>Per-layer output SQNR (probe on {verification['layer_samples']} samples)</h2>")
         parts.append(_sqnr_plot(layers))
         parts.append(table(["node", "op", "output", "SQNR (dB)"],
                             [[l["node"], l["op_type"], l["tensor"], l["sqnr_db"]] for l in layers]))

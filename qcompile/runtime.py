@@ -15,8 +15,9 @@ DETERMINISTIC_THREADS = 2
 
 def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THREADS,
                  optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 use_library: bool | None = None) -> ort.InferenceSession:
-    """use_library: register qcompile's custom-op library, built on first use (True); run the models'
+                 use_library: bool | None = None, optimized_path=None) -> ort.InferenceSession:
+    """optimized_path: where ONNX Runtime writes the graph it optimized (what it actually runs).
+    use_library: register qcompile's custom-op library, built on first use (True); run the models'
     standard-op fallback functions instead (False); or register it when the model has qcompile ops,
     falling back with a one-line note where it cannot be built (None)."""
     options = ort.SessionOptions()
@@ -30,6 +31,8 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = optimization
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, not stderr lines
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -75,14 +75,16 @@ def test_normalize_folds_weights_computed_from_constants():
 
 def test_plan_lists_each_tensor_once_with_its_consumers(rng):
     plan = planned(attention_like_model(rng)).plan
-    summary = {name: (s.kind, s.dtype, s.axis, s.consumers, s.fixed_range) for name, s in plan.specs.items()}
+    summary = {name: (s.kind, s.dtype, s.axis, s.consumers, s.fixed_range, s.same_as) for name, s in plan.specs.items()}
+    # The residual Add feeds integer MatMuls, so it is a QLinearAdd: its output r is quantized for
+    # every reader, and the Transpose runs on r's codes at r's scale.
     assert summary == {
-        "x": ("activation", "uint8", None, (("MatMul_0", 0), ("residual_add", 1)), None),
-        "W": ("weight", "int8", 1, (("MatMul_0", 1),), None),
-        "hb": ("activation", "uint8", None, (("residual_add", 0),), None),
-        "r": ("activation", "uint8", None, (("scores_matmul", 0), ("context_matmul", 1)), None),
-        "rt": ("activation", "uint8", None, (("scores_matmul", 1),), None),
-        "probs": ("activation", "uint8", None, (("context_matmul", 0),), (0.0, 1.0)),
+        "x": ("activation", "uint8", None, (("MatMul_0", 0), ("residual_add", 1)), None, None),
+        "W": ("weight", "int8", 1, (("MatMul_0", 1),), None, None),
+        "hb": ("activation", "uint8", None, (("residual_add", 0),), None, None),
+        "r": ("activation", "uint8", None, (("transpose", 0), ("scores_matmul", 0), ("context_matmul", 1)), None, None),
+        "rt": ("activation", "uint8", None, (("scores_matmul", 1),), None, "r"),
+        "probs": ("activation", "uint8", None, (("context_matmul", 0),), (0.0, 1.0), None),
     }
     kept = {(s.node, s.op_type) for s in plan.skipped}
     assert kept == {("bias_add", "Add"), ("mask_add", "Add"), ("softmax", "Softmax")}

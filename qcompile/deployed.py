@@ -1,0 +1,74 @@
+"""What ONNX Runtime makes of a model: which compute nodes run as integer kernels.
+
+Read from the graph ONNX Runtime itself optimizes (`SessionOptions.optimized_model_filepath`,
+the optimization level deployed sessions use), not from a model of its fusion rules. Fused nodes
+keep the original node's name (with a `_token_N` suffix where the layout transformer rewrote it),
+so each Conv / MatMul / Gemm of the artifact is looked up by name.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .runtime import make_session
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+INTEGER_KERNELS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
+                   "DynamicQuantizeMatMul", "QGemm", "QAttention", "NhwcQLinearConv"}
+_LAYOUT_SUFFIX = re.compile(r"_token_\d+$")
+
+
+@dataclass(frozen=True)
+class DeployedKernels:
+    """Per compute op type: the nodes, and the kernel each became (None: not found after fusion)."""
+
+    kernels: dict[str, dict[str, str | None]]  # op type -> node name -> kernel op type
+
+    def integer(self, op_type: str) -> list[str]:
+        return [node for node, kernel in self.kernels.get(op_type, {}).items() if kernel in INTEGER_KERNELS]
+
+    def float_nodes(self) -> dict[str, str]:
+        """Compute nodes that did not become integer kernels -> what they run as."""
+        return {node: kernel or "fused into a float node" for nodes in self.kernels.values()
+                for node, kernel in nodes.items() if kernel not in INTEGER_KERNELS}
+
+    def fused_share(self) -> float:
+        total = sum(len(nodes) for nodes in self.kernels.values())
+        return sum(len(self.integer(op)) for op in self.kernels) / total if total else 1.0
+
+    def summary(self) -> str:
+        """`48/50 Conv as QLinearConv, 1/1 Gemm as QGemm`."""
+        parts = []
+        for op_type, nodes in self.kernels.items():
+            kinds = sorted({kernel for kernel in nodes.values() if kernel in INTEGER_KERNELS})
+            parts.append(f"{len(self.integer(op_type))}/{len(nodes)} {op_type} as {' or '.join(kinds) or 'integer kernels'}")
+        return ", ".join(parts) or "no Conv/MatMul/Gemm"
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "fused_share": round(self.fused_share(), 4),
+                "by_op": {op: {"nodes": len(nodes), "integer": len(self.integer(op))} for op, nodes in self.kernels.items()},
+                "float": self.float_nodes()}
+
+
+def deployed_kernels(model: onnx.ModelProto | str | Path) -> DeployedKernels:
+    """Open `model` in an ONNX Runtime CPU session at full optimization and map each compute node
+    to the kernel it runs as."""
+    source = model if isinstance(model, onnx.ModelProto) else str(model)
+    graph = (model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)).graph
+    with tempfile.TemporaryDirectory(prefix="qcompile-deployed-") as folder:
+        optimized_path = Path(folder) / "optimized.onnx"
+        make_session(source, optimized_path=optimized_path)
+        optimized = onnx.load(str(optimized_path), load_external_data=False)
+    became = {}
+    for node in optimized.graph.node:
+        became.setdefault(_LAYOUT_SUFFIX.sub("", node.name), node.op_type)
+    kernels: dict[str, dict[str, str | None]] = {}
+    for node in graph.node:
+        if node.op_type in COMPUTE_OPS:
+            kernels.setdefault(node.op_type, {})[node.name] = became.get(node.name)
+    return DeployedKernels(kernels)
