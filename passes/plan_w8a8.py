@@ -99,14 +99,13 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
         specs.append(TensorSpec(bias.name, "bias", "int32", 0, ((node.name, 2),), f"{node.op} bias",
                                 operands=(activation.name, weight.name)))
     kernel = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}[node.op]
-    if node.op == "Conv":  # QLinearConv writes integers: its output must be quantized
-        output = _quantized_output(node, graph_outputs)
-        if output is None:
-            return plan.skipped.append(SkippedNode(node.name, node.op, "its output is a graph output: ONNX Runtime "
-                                                                       "has no integer Conv with a float output"))
-        specs.append(output)
-    plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs),
-                             tied_output=None if node.op == "Conv" else _tied_output(node, graph_outputs)))
+    if node.op != "Conv":
+        return plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs), tied_output=_tied_output(node, graph_outputs)))
+    output, absorbed = _quantized_output(node, graph_outputs)  # QLinearConv writes integers: quantize its output
+    if output is None:
+        return plan.skipped.append(SkippedNode(node.name, node.op, "its output is a graph output: ONNX Runtime "
+                                                                   "has no integer Conv with a float output"))
+    plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs) + (output,), absorbed=absorbed))
 
 
 def _tied_output(node: gs.Node, graph_outputs: set[str]) -> TensorSpec | None:
@@ -122,7 +121,7 @@ def _plan_elementwise(node: gs.Node, plan: QuantPlan, config, graph_outputs: set
         inputs = node.inputs if node.op == "Concat" else node.inputs[:1 if node.op not in ("Add", "Mul") else 2]
         if not inputs or not all(_is_float(t) and not isinstance(t, gs.Constant) for t in inputs):
             return False
-        output = _quantized_output(node, graph_outputs)
+        output, absorbed = _quantized_output(node, graph_outputs)
         if output is None:
             return False
         specs = tuple(_activation(t, node, i, f"{node.op} input") for i, t in enumerate(inputs)) + (output,)
@@ -132,24 +131,25 @@ def _plan_elementwise(node: gs.Node, plan: QuantPlan, config, graph_outputs: set
         if not _is_float(source) or isinstance(source, gs.Constant) or node.outputs[0].name in graph_outputs:
             return False
         output = _output_spec(node.outputs[0], f"{node.op} output, at its input's scale", same_as=source.name)
-        specs, kernel = (_activation(source, node, 0, f"{node.op} input"), output), f"{node.op} on uint8"
+        specs, kernel, absorbed = (_activation(source, node, 0, f"{node.op} input"), output), f"{node.op} on uint8", ()
     else:
         return False
     readers = tuple(name for name, _ in specs[-1].consumers)
-    plan.add_group(NodeGroup(node.name, node.op, kernel, specs, optional=True, readers=readers))
+    plan.add_group(NodeGroup(node.name, node.op, kernel, specs, optional=True, readers=readers, absorbed=absorbed))
     return True
 
 
-def _quantized_output(node: gs.Node, graph_outputs: set[str]) -> TensorSpec | None:
-    """The spec of the node's output, taken behind a lone Relu / constant Clip; None if a graph output."""
-    tensor = node.outputs[0]
+def _quantized_output(node: gs.Node, graph_outputs: set[str]) -> tuple[TensorSpec | None, tuple[str, ...]]:
+    """The spec of the node's output, taken behind a lone Relu / constant Clip (None if a graph
+    output), and that Relu / Clip."""
+    tensor, absorbed = node.outputs[0], ()
     follower = tensor.outputs[0] if len(tensor.outputs) == 1 and tensor.name not in graph_outputs else None
     if follower is not None and (follower.op == "Relu" or (follower.op == "Clip" and _constant_bounds(follower))):
-        tensor = follower.outputs[0]
+        tensor, absorbed = follower.outputs[0], (follower.name,)
     if tensor.name in graph_outputs or not _is_float(tensor):
-        return None
-    producer = tensor.inputs[0]
-    return _output_spec(tensor, f"{node.op} output" + (f" after {producer.op}" if producer is not node else ""))
+        return None, ()
+    reason = f"{node.op} output" + (f" after {tensor.inputs[0].op}" if absorbed else "")
+    return _output_spec(tensor, reason), absorbed
 
 
 def _output_spec(tensor: gs.Tensor, reason: str, same_as: str | None = None) -> TensorSpec:

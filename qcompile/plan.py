@@ -82,6 +82,7 @@ class NodeGroup:
     optional: the group is worth it only if a group in `readers` (the nodes reading its output)
     runs as an integer kernel too; otherwise its rounding would buy no speed (an Add feeding a
     LayerNormalization).
+    absorbed: the Relu / Clip between the node and its quantized output, which ONNX Runtime drops.
     tied_output: for a kernel with a float output (QGemm, MatMulIntegerToFloat), its output
         quantized for every reader, used when any integer reader quantizes it: ONNX Runtime fuses
         a node whose output feeds QuantizeLinear nodes only, or none.
@@ -94,6 +95,7 @@ class NodeGroup:
     optional: bool = False
     readers: tuple[str, ...] = ()
     tied_output: TensorSpec | None = None
+    absorbed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -133,7 +135,8 @@ class QuantPlan:
         listed = {s.node for s in self.skipped}
         self.skipped += [SkippedNode(g.node, g.op_type, reasons[g.node]) for g in self.groups
                          if g.node in reasons and g.node not in listed]
-        self.skipped = [s for s in self.skipped if s.node not in integer]
+        absorbed = {name for g in self.groups if g.node in integer for name in g.absorbed}
+        self.skipped = [s for s in self.skipped if s.node not in integer | absorbed]
 
     def add(self, spec: TensorSpec) -> None:
         """Add a spec, merging consumers with an existing spec of the same tensor."""
