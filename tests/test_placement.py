@@ -107,13 +107,20 @@ def _optimized_op_types(model):
         return {node.op_type for node in onnx.load(str(Path(folder) / "o.onnx")).graph.node}
 
 
-def test_batch_norm_is_folded_into_its_conv(rng):
+def test_batch_norm_and_channel_scales_are_folded_into_their_conv(rng):
+    """Conv -> BatchNormalization -> Mul(per-channel) -> Add(per-channel) (PaddlePaddle's exports)
+    becomes one Conv, exactly; the Mul by a [1, C, 1, 1] scale spanning 1e-3..1e2 would otherwise
+    rescale a per-tensor-quantized Conv output."""
     norm = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
             (("gamma", rng.uniform(0.5, 2, CHANNELS)), ("beta", rng.standard_normal(CHANNELS)),
-             ("mean", rng.standard_normal(CHANNELS)), ("var", rng.uniform(0.1, 3, CHANNELS)))]
+             ("mean", rng.standard_normal(CHANNELS)), ("var", rng.uniform(0.1, 3, CHANNELS)),
+             ("channel_scale", np.geomspace(1e-3, 1e2, CHANNELS).reshape(1, CHANNELS, 1, 1)),
+             ("channel_shift", rng.standard_normal((CHANNELS, 1, 1))))]
     model = _model([_conv("conv1", "x", "c1", rng, channels_in=3),
                     helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
-                    helper.make_node("Relu", ["bn"], ["r1"], name="relu1"),
+                    helper.make_node("Mul", ["channel_scale", "bn"], ["scaled"], name="scale"),
+                    helper.make_node("Add", ["scaled", "channel_shift"], ["shifted"], name="shift"),
+                    helper.make_node("Relu", ["shifted"], ["r1"], name="relu1"),
                     _conv("conv2", "r1", "y", rng)], {"y": [1, CHANNELS, 16, 16]}, extra_initializers=norm)
     artifact = _compile(model, acts="none", weights="none")  # the folded float model, nothing quantized
     assert [node.op_type for node in artifact.model.graph.node] == ["Conv", "Relu", "Conv"]
@@ -123,6 +130,8 @@ def test_batch_norm_is_folded_into_its_conv(rng):
     quantized = _compile(model)
     assert quantized.manifest["deployed"]["by_op"]["Conv"]["integer"] == 1  # conv2 writes the graph output
     assert [s["node"] for s in quantized.manifest["plan"]["kept_float"]] == ["conv2"]
+    assert quantized.manifest["passes"][1] == {"name": "fold-conv-affine", "changed": 3,
+                                               "summary": "folded 3 BatchNormalization / Mul / Add nodes into their Conv"}
 
 
 def test_a_conv_writing_a_graph_output_stays_float_with_a_float_weight(rng):
