@@ -49,8 +49,6 @@ def main() -> None:
 
     jobs = [("float", None, args.calib_samples)]
     jobs += [(f"qcompile {m}", ("qcompile", m), args.calib_samples) for m in ("mse", "minmax", "percentile")]
-    # The residual stream carries BERT's outlier dimensions; this row shows what keeping it float buys.
-    jobs += [("qcompile mse, residual Adds float", ("qcompile", "mse", "no-residual"), args.calib_samples)]
     jobs += [(f"onnxruntime {m}", ("onnxruntime", m), args.calib_samples) for m in ("MinMax", "Percentile", "Entropy")]
     rows = []
     for name, method, samples in jobs:
@@ -100,7 +98,7 @@ def _run_method(name: str, method, model_path: str, calib_path: str, eval_path: 
     if method is None:
         quantized_path = model_path
     elif method[0] == "qcompile":
-        quantized_path = _qcompile(method[1], model_path, calib_path, out, residual="no-residual" not in method)
+        quantized_path = _qcompile(method[1], model_path, calib_path, out)
     else:
         quantized_path = _onnxruntime(method[1], model_path, calib_path, out)
     quantize_seconds = time.perf_counter() - start if method else 0.0
@@ -123,11 +121,10 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _qcompile(method: str, model_path: str, calib_path: str, out: str, residual: bool) -> str:
+def _qcompile(method: str, model_path: str, calib_path: str, out: str) -> str:
     import qcompile
 
-    config = qcompile.QuantConfig(weights="int8", acts="int8", calib_method=method, verify_fraction=0.0,
-                                  quantize_residual_adds=residual)
+    config = qcompile.QuantConfig(weights="int8", acts="int8", calib_method=method, verify_fraction=0.0)
     artifact = qcompile.compile(model_path, config, calib=calib_path)
     folder = Path(tempfile.mkdtemp(dir=out, prefix=f"qcompile_{method}_"))
     artifact.save(folder, force=True)

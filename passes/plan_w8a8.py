@@ -7,7 +7,7 @@ A group is a node plus the tensors ONNX Runtime needs quantized to fuse it (its 
     MatMul of two activations         ->  both inputs (if quantize_attention)                     ->  MatMulIntegerToFloat
     Add / Mul of two activations, Concat, GlobalAveragePool, AveragePool, Sigmoid, LeakyRelu
                                       ->  inputs and output                                       ->  QLinearAdd, ...
-    MaxPool, Reshape, Transpose, ...  ->  input, and output at the same scale                     ->  runs on the codes
+    MaxPool, Reshape, Resize, ...     ->  input, and output at the same scale                     ->  runs on the codes
     Gather from a constant table      ->  the table (per last-axis channel)
 (*) quantized for every reader, and the kernel QGemm / QLinearMatMul, when an integer reader
 quantizes it: ONNX Runtime fuses a node only if its output feeds QuantizeLinear nodes alone, or none.
@@ -38,7 +38,8 @@ ELEMENTWISE_KERNELS = {"Add": "QLinearAdd", "Mul": "QLinearMul", "Concat": "QLin
                        "GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool",
                        "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu"}
 # Ops ONNX Runtime runs on the integer codes when input and output share one scale.
-SAME_SCALE_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+SAME_SCALE_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Expand",
+                  "Tile", "DepthToSpace", "Gather")
 PROBABILITY_OPS = ("Softmax", "Sigmoid")  # outputs in [0, 1] whatever the input: no calibration needed
 PROBABILITY_RANGE = (0.0, 1.0)
 

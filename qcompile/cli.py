@@ -55,7 +55,7 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default="mse", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calib-method percentile.")
 @click.option("--no-attention", is_flag=True, help="Keep attention's activation x activation MatMuls in float.")
-@click.option("--no-residual", is_flag=True, help="Keep residual Adds in float.")
+@click.option("--no-residual", is_flag=True, help="Keep Adds of two activations (residual Adds) in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
 def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr, functions, lut_ops, function_depth, select,

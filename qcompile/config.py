@@ -42,7 +42,8 @@ class QuantConfig:
         "minmax", or "percentile" (keeps `percentile` % of the values inside the range).
     quantize_attention: also quantize the activation x activation MatMuls of attention
         (Q, K, V and the softmax output).
-    quantize_residual_adds: also quantize both inputs of residual Adds.
+    quantize_residual_adds: let Adds of two activations (residual Adds) run as integer QLinearAdd
+        where an integer kernel reads their output.
     calib_batch_size: samples concatenated per ONNX Runtime call when the batch axis is dynamic.
     verify_fraction: share of calibration samples held out for verification when no separate
         verification data is given.
