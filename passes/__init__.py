@@ -7,5 +7,7 @@ from .insert_qdq import InsertQDQ
 from .merge_gate_projection import MergeGateProjection
 from .normalize_graph import NormalizeGraph
 from .plan_w8a8 import PlanW8A8
+from .sum_before_layer_norm import SumBeforeLayerNorm
 
-__all__ = ["DequantizeAfterGather", "FoldClippedSoftmax", "FoldConvAffine", "InsertLutWeights", "InsertQDQ", "MergeGateProjection", "NormalizeGraph", "PlanW8A8"]
+__all__ = ["DequantizeAfterGather", "FoldClippedSoftmax", "FoldConvAffine", "InsertLutWeights", "InsertQDQ", "MergeGateProjection", "NormalizeGraph", "PlanW8A8",
+           "SumBeforeLayerNorm"]

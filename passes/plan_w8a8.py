@@ -12,8 +12,8 @@ A group is a node plus the tensors ONNX Runtime needs quantized to fuse it (its 
 (*) quantized for every reader, and the kernel QGemm / QLinearMatMul, when an integer reader
 quantizes it: ONNX Runtime fuses a node only if its output feeds QuantizeLinear nodes alone, or none.
 An output behind a Relu or a Clip with constant bounds is quantized after it (ONNX Runtime drops
-the Relu/Clip into the QuantizeLinear). Groups of the last three kinds are optional: integer only
-when a reader of their output is, since otherwise their rounding buys no speed. A Softmax /
+the Relu/Clip into the QuantizeLinear). The elementwise and same-scale groups are optional: integer
+only when a reader of their output is, since otherwise their rounding buys no speed. A Softmax /
 Sigmoid output gets the fixed range [0, 1], a Clip output its bounds. Every other compute node
 (HardSwish, LayerNormalization, ...) stays float, listed with the reason in plan.skipped; so does
 a node whose weight would only be dequantized on every run.
@@ -58,9 +58,9 @@ class PlanW8A8:
                     node.inputs[0].name, "weight", config.qdq_weights, _table_axis(node), ((node.name, 0),),
                     "Gather table (embedding)"),)))
             elif config.acts != "none" and _plan_elementwise(node, plan, config, outputs):
-                pass
+                continue
             elif node.op not in DATA_MOVEMENT_OPS and node.op not in SAME_SCALE_OPS:
-                plan.skipped.append(SkippedNode(node.name, node.op, _float_reason(node)))
+                plan.skipped.append(SkippedNode(node.name, node.op, _float_reason(node, config, outputs)))
         plan.resolve()
         context.plan = plan
         return PassResult(0, f"{len(plan.integer)} node groups, {len(plan.of_kind('weight'))} weights, "
@@ -79,7 +79,7 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
         if node.op != "MatMul":
             return plan.skipped.append(SkippedNode(node.name, node.op, "no integer kernel without a constant weight"))
         return plan.add_group(NodeGroup(node.name, node.op, "MatMulIntegerToFloat", tuple(
-            _activation(t, node, i, "attention MatMul input") for i, t in enumerate(data_inputs)),
+            _activation(t, ((node.name, i),), "attention MatMul input") for i, t in enumerate(data_inputs)),
             tied_output=_tied_output(node, graph_outputs)))
     if not weights:
         return plan.skipped.append(SkippedNode(node.name, node.op, "quantization disabled by config"))
@@ -91,7 +91,7 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
     if weight_index != 1:
         return plan.skipped.append(SkippedNode(node.name, node.op, "the constant is the first operand: no integer kernel"))
     activation = data_inputs[0]
-    specs = [_activation(activation, node, 0, f"{node.op} input"), weight_spec]
+    specs = [_activation(activation, ((node.name, 0),), f"{node.op} input"), weight_spec]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.op != "MatMul" else None
     if bias is not None:
         if not _is_channel_bias(node, bias, weight):
@@ -119,20 +119,20 @@ def _plan_elementwise(node: gs.Node, plan: QuantPlan, config, graph_outputs: set
     if node.op in ELEMENTWISE_KERNELS:
         if node.op == "Add" and not config.quantize_residual_adds:
             return False
-        inputs = node.inputs if node.op == "Concat" else node.inputs[:1 if node.op not in ("Add", "Mul") else 2]
-        if not inputs or not all(_is_float(t) and not isinstance(t, gs.Constant) for t in inputs):
+        inputs = node.inputs if node.op == "Concat" else node.inputs[:2 if node.op in ("Add", "Mul") else 1]
+        if not inputs or not all(_is_activation(t) for t in inputs):
             return False
         output, absorbed = _quantized_output(node, graph_outputs)
         if output is None:
             return False
-        specs = tuple(_activation(t, node, i, f"{node.op} input") for i, t in enumerate(inputs)) + (output,)
+        specs = tuple(_activation(t, ((node.name, i),), f"{node.op} input") for i, t in enumerate(inputs)) + (output,)
         kernel = ELEMENTWISE_KERNELS[node.op]
     elif node.op in SAME_SCALE_OPS:
         source = node.inputs[0]
-        if not _is_float(source) or isinstance(source, gs.Constant) or node.outputs[0].name in graph_outputs:
+        if not _is_activation(source) or node.outputs[0].name in graph_outputs:
             return False
         output = _output_spec(node.outputs[0], f"{node.op} output, at its input's scale", same_as=source.name)
-        specs, kernel, absorbed = (_activation(source, node, 0, f"{node.op} input"), output), f"{node.op} on uint8", ()
+        specs, kernel, absorbed = (_activation(source, ((node.name, 0),), f"{node.op} input"), output), f"{node.op} on uint8", ()
     else:
         return False
     readers = tuple(name for name, _ in specs[-1].consumers)
@@ -158,13 +158,12 @@ def _output_spec(tensor: gs.Tensor, reason: str, same_as: str | None = None) -> 
     QuantizeLinear alone."""
     readers = tuple((consumer.name, index) for consumer in tensor.outputs
                     for index, t in enumerate(consumer.inputs) if t is tensor)
-    spec = _activation(tensor, None, 0, reason) if same_as is None else TensorSpec(
-        tensor.name, "activation", "uint8", None, (), reason, same_as=same_as)
-    return TensorSpec(spec.tensor, spec.kind, spec.dtype, None, readers, spec.reason, spec.fixed_range, spec.same_as)
+    if same_as is not None:
+        return TensorSpec(tensor.name, "activation", "uint8", None, readers, reason, same_as=same_as)
+    return _activation(tensor, readers, reason)
 
 
-def _activation(tensor: gs.Tensor, node: gs.Node | None, index: int, reason: str) -> TensorSpec:
-    consumers = ((node.name, index),) if node is not None else ()
+def _activation(tensor: gs.Tensor, consumers: tuple[tuple[str, int], ...], reason: str) -> TensorSpec:
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is not None and producer.op in PROBABILITY_OPS:
         return TensorSpec(tensor.name, "activation", "uint8", None, consumers,
@@ -217,7 +216,17 @@ def _is_float(tensor: gs.Tensor) -> bool:
     return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
 
 
-def _float_reason(node: gs.Node) -> str:
-    if node.op in ("Add", "Mul"):
+def _is_activation(tensor: gs.Tensor) -> bool:
+    return _is_float(tensor) and not isinstance(tensor, gs.Constant)
+
+
+def _float_reason(node: gs.Node, config, graph_outputs: set[str]) -> str:
+    if config.acts == "none":
+        return "activations are not quantized (--acts none)"
+    if node.op == "Add" and not config.quantize_residual_adds:
+        return "Adds of two activations are kept float by config (--no-residual)"
+    if node.op in ELEMENTWISE_KERNELS and not all(_is_activation(t) for t in node.inputs):
         return f"{node.op} with a constant input (a bias or a scale): no integer kernel planned"
+    if node.op in ELEMENTWISE_KERNELS and any(t.name in graph_outputs for t in node.outputs):
+        return "its output is a graph output: its integer kernel would need a quantized one"
     return "no integer kernel for this op in ONNX Runtime's CPU provider"

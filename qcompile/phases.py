@@ -27,7 +27,7 @@ from .errors import QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, InsertLutWeights, InsertQDQ,
-                     MergeGateProjection, NormalizeGraph, PlanW8A8)
+                     MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
 from .passes.insert_lut_weights import find_lut_weights
 from .pipeline import CompileContext, PassRecord, Pipeline
 from .plan import QuantPlan
@@ -182,8 +182,10 @@ def search(state: CompileState) -> None:
 
 
 def rewrite(state: CompileState) -> None:
-    """Materialise the plan: QuantizeLinear/DequantizeLinear pairs and lookup-table weights."""
-    state.records += Pipeline([InsertQDQ(), InsertLutWeights(), DequantizeAfterGather()]).run(state.context)
+    """Materialise the plan: QuantizeLinear/DequantizeLinear pairs and lookup-table weights; keep
+    ONNX Runtime off its slow fused SkipLayerNormalization."""
+    state.records += Pipeline([InsertQDQ(), InsertLutWeights(), DequantizeAfterGather(),
+                               SumBeforeLayerNorm()]).run(state.context)
 
 
 def verify(state: CompileState) -> None:

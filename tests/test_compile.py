@@ -40,7 +40,7 @@ def test_artifact_layout_and_manifest(compiled):
     assert manifest["custom_op_library"] is None
     assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "fold-conv-affine", "fold-clipped-softmax", "merge-gate-projection",
                                                         "plan-w8a8", "insert-qdq", "insert-lut-weights",
-                                                        "dequantize-after-gather"]
+                                                        "dequantize-after-gather", "sum-before-layer-norm"]
     kinds = Counter(t["kind"] for t in manifest["plan"]["tensors"])
     assert kinds["weight"] == 15  # 2 layers x (Q, K, V, attention output, FFN in, FFN out) + 3 embedding tables
     assert any(t["reason"] == "softmax output" and t["scale"] == pytest.approx(1 / 255) for t in manifest["plan"]["tensors"])

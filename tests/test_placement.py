@@ -3,6 +3,7 @@ plan, the integer kernels ONNX Runtime builds from the artifact (read from its o
 the artifact's agreement with float."""
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -216,3 +217,28 @@ def test_matmul_graphs_keep_their_integer_kernels():
     assert deployed_kernels(artifact.model).summary() == "1/1 MatMul as MatMulIntegerToFloat"
     weight_only = qcompile.compile(matmul_model(), qcompile.QuantConfig(acts="none"), verify_data=samples[8:])
     assert weight_only.manifest["deployed"]["summary"] == "0/1 MatMul as integer kernels"
+
+
+def test_a_float_residual_add_before_layer_norm_becomes_sum():
+    """ONNX Runtime would fuse Add + LayerNormalization into its slower SkipLayerNormalization; as
+    Sum, the same values run as Sum + LayerNormalization."""
+    rng = np.random.default_rng(0)
+    shape = [1, 6, 16]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Add", ["h", "x"], ["residual"], name="residual_add"),
+             helper.make_node("LayerNormalization", ["residual", "gamma", "beta"], ["y"], name="norm", axis=-1)]
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.ones(16, np.float32), "gamma"), numpy_helper.from_array(np.zeros(16, np.float32), "beta")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert "SkipLayerNormalization" in _optimized_op_types(model)
+    samples = [{"x": np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(10)]
+    weight_only = qcompile.compile(model, qcompile.QuantConfig(acts="none", weights="none"), verify_data=samples)
+    assert [n.op_type for n in weight_only.model.graph.node] == ["MatMul", "Sum", "LayerNormalization"]
+    np.testing.assert_array_equal(make_session(weight_only.model).run(None, samples[0])[0],
+                                  make_session(model, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+                                  .run(None, samples[0])[0])
+    quantized = qcompile.compile(model, qcompile.QuantConfig(), calib=samples[:8], verify_data=samples[8:])
+    optimized = _optimized_op_types(quantized.model)
+    assert "SkipLayerNormalization" not in optimized and {"Sum", "LayerNormalization", "MatMulIntegerToFloat"} <= optimized
