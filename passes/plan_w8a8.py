@@ -13,7 +13,8 @@ A group is a node plus the tensors ONNX Runtime needs quantized to fuse it (its 
 quantizes it: ONNX Runtime fuses a node only if its output feeds QuantizeLinear nodes alone, or none.
 An output behind a Relu or a Clip with constant bounds is quantized after it (ONNX Runtime drops
 the Relu/Clip into the QuantizeLinear). The elementwise and same-scale groups are optional: integer
-only when a reader of their output is, since otherwise their rounding buys no speed. A Softmax /
+only when a reader of their output is, and the makers of their inputs are, since otherwise their
+rounding buys no speed or their extra QuantizeLinear costs more than they save. A Softmax /
 Sigmoid output gets the fixed range [0, 1], a Clip output its bounds. Every other compute node
 (HardSwish, LayerNormalization, ...) stays float, listed with the reason in plan.skipped; so does
 a node whose weight would only be dequantized on every run.
@@ -136,7 +137,10 @@ def _plan_elementwise(node: gs.Node, plan: QuantPlan, config, graph_outputs: set
     else:
         return False
     readers = tuple(name for name, _ in specs[-1].consumers)
-    plan.add_group(NodeGroup(node.name, node.op, kernel, specs, optional=True, readers=readers, absorbed=absorbed))
+    sources = tuple(spec_tensor.inputs[0].name if spec_tensor.inputs else "" for spec_tensor in
+                    (inputs if node.op in ELEMENTWISE_KERNELS else (node.inputs[0],)))
+    plan.add_group(NodeGroup(node.name, node.op, kernel, specs, optional=True, readers=readers, sources=sources,
+                             listed=node.op in ELEMENTWISE_KERNELS, absorbed=absorbed))
     return True
 
 

@@ -26,8 +26,8 @@ from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_ho
 from .errors import QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
-from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, InsertLutWeights, InsertQDQ,
-                     MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
+from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, FuseHardSwish, InsertLutWeights,
+                     InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
 from .passes.insert_lut_weights import find_lut_weights
 from .pipeline import CompileContext, PassRecord, Pipeline
 from .plan import QuantPlan
@@ -92,8 +92,8 @@ def load(state: CompileState) -> None:
 
 def normalize(state: CompileState) -> None:
     """Unique node names, constants as initializers, per-channel affine ops folded into Convs,
-    attention patterns folded."""
-    state.records += Pipeline([NormalizeGraph(), FoldConvAffine(), FoldClippedSoftmax(),
+    hard-swish activations fused, attention patterns folded."""
+    state.records += Pipeline([NormalizeGraph(), FoldConvAffine(), FuseHardSwish(), FoldClippedSoftmax(),
                                MergeGateProjection()]).run(state.context)
 
 

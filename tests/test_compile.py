@@ -38,7 +38,8 @@ def test_artifact_layout_and_manifest(compiled):
     assert manifest["qcompile_version"] == qcompile.__version__
     assert qcompile.QuantConfig.from_dict(manifest["config"]) == qcompile.QuantConfig()
     assert manifest["custom_op_library"] is None
-    assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "fold-conv-affine", "fold-clipped-softmax", "merge-gate-projection",
+    assert [p["name"] for p in manifest["passes"]] == ["normalize-graph", "fold-conv-affine", "fuse-hard-swish",
+                                                        "fold-clipped-softmax", "merge-gate-projection",
                                                         "plan-w8a8", "insert-qdq", "insert-lut-weights",
                                                         "dequantize-after-gather", "sum-before-layer-norm"]
     kinds = Counter(t["kind"] for t in manifest["plan"]["tensors"])

@@ -166,8 +166,8 @@ def test_float_only_ops_get_no_quantization_that_buys_nothing(rng):
 
 
 def test_gemm_output_read_by_float_and_integer_nodes_is_quantized_for_all():
-    """x @ W -> HardSigmoid and Mul (HardSwish as the legacy exporter writes it) -> Gemm: ONNX Runtime
-    fuses the first Gemm only if every reader of its output goes through a QuantizeLinear."""
+    """A Gemm whose output feeds an integer Gemm and a float HardSigmoid: ONNX Runtime fuses the
+    first Gemm only if every reader of its output goes through a QuantizeLinear."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal((16, 48)).astype(np.float32), "w1"),
                numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b1"),
@@ -176,15 +176,15 @@ def test_gemm_output_read_by_float_and_integer_nodes_is_quantized_for_all():
     nodes = [helper.make_node("Flatten", ["x"], ["flat"], name="flatten"),
              helper.make_node("Gemm", ["flat", "w1", "b1"], ["g1"], name="fc1", transB=1),
              helper.make_node("HardSigmoid", ["g1"], ["gate"], name="hardsigmoid", alpha=1 / 6),
-             helper.make_node("Mul", ["g1", "gate"], ["act"], name="hardswish_mul"),
-             helper.make_node("Gemm", ["act", "w2", "b2"], ["y"], name="fc2", transB=1)]
+             helper.make_node("Gemm", ["g1", "w2", "b2"], ["y"], name="fc2", transB=1)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], weights)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("gate", TensorProto.FLOAT, [1, 16])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     samples = [{"x": np.random.default_rng(i).standard_normal((1, 3, 4, 4)).astype(np.float32)} for i in range(20)]
     artifact = qcompile.compile(model, qcompile.QuantConfig(), calib=samples[:16], verify_data=samples[16:])
     g1 = next(t for t in artifact.manifest["plan"]["tensors"] if t["tensor"] == "g1")
-    assert sorted(map(tuple, g1["consumers"])) == [("hardsigmoid", 0), ("hardswish_mul", 0)]
+    assert sorted(map(tuple, g1["consumers"])) == [("fc2", 0), ("hardsigmoid", 0)]
     assert artifact.manifest["deployed"]["summary"] == "2/2 Gemm as QGemm"
 
 
@@ -242,3 +242,22 @@ def test_a_float_residual_add_before_layer_norm_becomes_sum():
     quantized = qcompile.compile(model, qcompile.QuantConfig(), calib=samples[:8], verify_data=samples[8:])
     optimized = _optimized_op_types(quantized.model)
     assert "SkipLayerNormalization" not in optimized and {"Sum", "LayerNormalization", "MatMulIntegerToFloat"} <= optimized
+
+
+@pytest.mark.parametrize("opset, fused", [(13, ["Conv", "HardSigmoid", "Mul", "Conv"]), (14, ["Conv", "HardSwish", "Conv"])])
+def test_spelled_out_hard_swish_becomes_one_or_two_ops(rng, opset, fused):
+    """PaddlePaddle's x * Clip(x + 3, 0, 6) / 6 runs as x * HardSigmoid(x), or HardSwish from opset 14."""
+    constants = [numpy_helper.from_array(np.float32(v), n) for n, v in (("three", 3), ("zero", 0), ("six", 6))]
+    model = _model([_conv("conv1", "x", "c1", rng, channels_in=3),
+                    helper.make_node("Add", ["c1", "three"], ["shifted"], name="add3"),
+                    helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"], name="clip"),
+                    helper.make_node("Mul", ["c1", "clipped"], ["product"], name="mul"),
+                    helper.make_node("Div", ["product", "six"], ["h1"], name="div6"),
+                    _conv("conv2", "h1", "y", rng)], {"y": [1, CHANNELS, 16, 16]}, opset=opset, extra_initializers=constants)
+    artifact = _compile(model, acts="none", weights="none")
+    assert [node.op_type for node in artifact.model.graph.node] == fused
+    for sample in _samples(3):
+        np.testing.assert_allclose(make_session(artifact.model).run(None, sample)[0], make_session(model).run(None, sample)[0],
+                                   rtol=1e-4, atol=1e-4)
+    quantized = _compile(model)
+    assert quantized.manifest["deployed"]["summary"] == "1/2 Conv as QLinearConv"  # conv2 writes the graph output
