@@ -13,8 +13,8 @@ A group is a node plus the tensors ONNX Runtime needs quantized to fuse it (its 
 quantizes it: ONNX Runtime fuses a node only if its output feeds QuantizeLinear nodes alone, or none.
 An output behind a Relu or a Clip with constant bounds is quantized after it (ONNX Runtime drops
 the Relu/Clip into the QuantizeLinear). The elementwise and same-scale groups are optional: integer
-only when a reader of their output is, and the makers of their inputs are, since otherwise their
-rounding buys no speed or their extra QuantizeLinear costs more than they save. A Softmax /
+only when a reader of their output is, and the maker of one of their inputs is, since otherwise
+their rounding buys no speed or the QuantizeLinear nodes they need cost more than they save. A Softmax /
 Sigmoid output gets the fixed range [0, 1], a Clip output its bounds. Every other compute node
 (HardSwish, LayerNormalization, ...) stays float, listed with the reason in plan.skipped; so does
 a node whose weight would only be dequantized on every run.

@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 from . import __version__, calibration, intake, report
 from .artifact import Artifact
 from .config import QuantConfig
-from .deployed import DeployedKernels, deployed_kernels
 from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_holdout
+from .deployed import DeployedKernels, deployed_kernels
 from .errors import QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search

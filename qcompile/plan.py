@@ -80,10 +80,10 @@ class NodeGroup:
     writes integers (the output behind a Relu/Clip, which ONNX Runtime then drops).
 
     optional: the group is worth it only if a group in `readers` (the nodes reading its output)
-    runs as an integer kernel too, and the groups in `sources` (the nodes making its activation
-    inputs; "" for a graph input) do: otherwise its rounding buys no speed (an Add feeding a
-    LayerNormalization), or its extra QuantizeLinear makes it slower than float (a QLinearMul
-    gating a float HardSwish output: 169 us against 104 us on a 16x112x112 map).
+    runs as an integer kernel too, and one in `sources` (the nodes making its activation inputs;
+    "" for a graph input) does: otherwise its rounding buys no speed (an Add feeding a
+    LayerNormalization), or the QuantizeLinear nodes it needs cost more than it saves (an Add of
+    a graph input and a float bias Add).
     listed: whether it is named among the nodes kept float when it is not integer (a data-movement
         op is not).
     absorbed: the Relu / Clip between the node and its quantized output, which ONNX Runtime drops.
@@ -132,8 +132,8 @@ class QuantPlan:
                     continue
                 if not integer.intersection(group.readers):
                     reasons[group.node] = f"no integer kernel reads its output: an integer {group.op_type} would only add rounding"
-                elif any(absorbed_by.get(source, source) not in integer for source in group.sources):
-                    reasons[group.node] = "an input is not an integer kernel's output: quantizing it would cost more than it saves"
+                elif group.sources and not any(absorbed_by.get(source, source) in integer for source in group.sources):
+                    reasons[group.node] = "no input is an integer kernel's output: quantizing them would cost more than it saves"
                 else:
                     continue
                 integer.discard(group.node)
