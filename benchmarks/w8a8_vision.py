@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("build/bench/w8a8_vision"))
     parser.add_argument("--calib", type=int, help="calibration samples (default: 32, 64 for ViT and MiniLM)")
     parser.add_argument("--eval", type=int, help="held-out samples (default: 32, 64 for ViT and MiniLM)")
-    parser.add_argument("--runs", type=int, default=3000, help="timed runs per session, in 20 interleaved rounds")
+    parser.add_argument("--runs", type=int, default=3000, help="timed runs per session, in 100 interleaved rounds")
     args = parser.parse_args()
 
     results = {}
@@ -289,7 +289,7 @@ def _agreement(kind: str | None, reference: np.ndarray, quantized: np.ndarray) -
     return None
 
 
-def _interleaved_latency(sessions: dict, feed: dict, runs: int, warmup: int = 10, rounds: int = 20) -> dict:
+def _interleaved_latency(sessions: dict, feed: dict, runs: int, warmup: int = 10, rounds: int = 100) -> dict:
     """Median ms per session over `runs` timed runs, taken in `rounds` blocks that visit the sessions
     in turn, so that a slow spell on the machine hits them all alike."""
     for session in sessions.values():
