@@ -43,6 +43,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/qat_vit.py
 	$(BIN)/python benchmarks/w8a8_minilm.py
+	$(BIN)/python benchmarks/w8a8_vision.py
+	$(BIN)/python benchmarks/skip_layer_norm.py
 	$(BIN)/python benchmarks/lut_matmul.py
 	$(BIN)/python benchmarks/ptnq_accuracy.py
 	$(BIN)/python benchmarks/corpus.py --torchvision --formats w8a8,int4 --jobs 2 --timeout 300
