@@ -61,7 +61,7 @@ class PlanW8A8:
             elif config.acts != "none" and _plan_elementwise(node, plan, config, outputs):
                 continue
             elif node.op not in DATA_MOVEMENT_OPS and node.op not in SAME_SCALE_OPS:
-                plan.skipped.append(SkippedNode(node.name, node.op, _float_reason(node, config, outputs)))
+                plan.unplanned.append(SkippedNode(node.name, node.op, _float_reason(node, config, outputs)))
         plan.resolve()
         context.plan = plan
         return PassResult(0, f"{len(plan.integer)} node groups, {len(plan.of_kind('weight'))} weights, "
@@ -72,31 +72,31 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
     acts, weights = config.acts != "none", config.qdq_weights != "none"
     data_inputs = node.inputs[:2]
     if not all(_is_float(t) for t in data_inputs):
-        return plan.skipped.append(SkippedNode(node.name, node.op, "non-float inputs"))
+        return plan.unplanned.append(SkippedNode(node.name, node.op, "non-float inputs"))
     weight_index = next((i for i, t in enumerate(data_inputs) if isinstance(t, gs.Constant)), None)
     if weight_index is None:
         if not (config.quantize_attention and acts):
-            return plan.skipped.append(SkippedNode(node.name, node.op, "activation x activation MatMul not quantized by config"))
+            return plan.unplanned.append(SkippedNode(node.name, node.op, "activation x activation MatMul not quantized by config"))
         if node.op != "MatMul":
-            return plan.skipped.append(SkippedNode(node.name, node.op, "no integer kernel without a constant weight"))
+            return plan.unplanned.append(SkippedNode(node.name, node.op, "no integer kernel without a constant weight"))
         return plan.add_group(NodeGroup(node.name, node.op, "MatMulIntegerToFloat", tuple(
             _activation(t, ((node.name, i),), "attention MatMul input") for i, t in enumerate(data_inputs)),
             tied_output=_tied_output(node, graph_outputs)))
     if not weights:
-        return plan.skipped.append(SkippedNode(node.name, node.op, "quantization disabled by config"))
+        return plan.unplanned.append(SkippedNode(node.name, node.op, "quantization disabled by config"))
     weight = data_inputs[weight_index]
     weight_spec = TensorSpec(weight.name, "weight", config.qdq_weights, _channel_axis(node, weight_index, weight),
                              ((node.name, weight_index),), f"{node.op} weight")
     if not acts:  # weight-only: stored small, dequantized at load
         return plan.add_group(NodeGroup(node.name, node.op, "", (weight_spec,)))
     if weight_index != 1:
-        return plan.skipped.append(SkippedNode(node.name, node.op, "the constant is the first operand: no integer kernel"))
+        return plan.unplanned.append(SkippedNode(node.name, node.op, "the constant is the first operand: no integer kernel"))
     activation = data_inputs[0]
     specs = [_activation(activation, ((node.name, 0),), f"{node.op} input"), weight_spec]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.op != "MatMul" else None
     if bias is not None:
         if not _is_channel_bias(node, bias, weight):
-            return plan.skipped.append(SkippedNode(node.name, node.op, "its bias is not a constant per-channel vector: "
+            return plan.unplanned.append(SkippedNode(node.name, node.op, "its bias is not a constant per-channel vector: "
                                                                        "no integer kernel"))
         specs.append(TensorSpec(bias.name, "bias", "int32", 0, ((node.name, 2),), f"{node.op} bias",
                                 operands=(activation.name, weight.name)))
@@ -105,7 +105,7 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
         return plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs), tied_output=_tied_output(node, graph_outputs)))
     output, absorbed = _quantized_output(node, graph_outputs)  # QLinearConv writes integers: quantize its output
     if output is None:
-        return plan.skipped.append(SkippedNode(node.name, node.op, "its output is a graph output: ONNX Runtime "
+        return plan.unplanned.append(SkippedNode(node.name, node.op, "its output is a graph output: ONNX Runtime "
                                                                    "has no integer Conv with a float output"))
     plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs) + (output,), absorbed=absorbed))
 

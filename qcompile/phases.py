@@ -114,15 +114,16 @@ def plan(state: CompileState) -> None:
 def calibrate(state: CompileState) -> None:
     """Activation ranges from one streaming pass over the calibration data; weight scales per channel."""
     config, plan_ = state.config, state.context.plan
-    calibrated = _calibrated_specs(plan_)
     histograms = {}
-    if calibrated:
-        histograms = calibration.collect_histograms(
-            state.reference, [s.tensor for s in calibrated],
-            batched(_reiterable(state), state.inputs, config.calib_batch_size), threads=DETERMINISTIC_THREADS)
-    for spec in calibrated:
-        if histograms[spec.tensor].nonfinite:  # no integer grid holds +-inf or NaN: quantizing would corrupt it
-            plan_.keep_float(spec.tensor, "an input takes +-inf or NaN on calibration data (a mask?)")
+    # Keeping a group float can leave a tensor that took another's scale (a Reshape output) needing
+    # its own range: a second pass collects it. One pass in the usual case.
+    while pending := [s.tensor for s in _calibrated_specs(plan_) if s.tensor not in histograms]:
+        histograms.update(calibration.collect_histograms(
+            state.reference, pending,
+            batched(_reiterable(state), state.inputs, config.calib_batch_size), threads=DETERMINISTIC_THREADS))
+        nonfinite = [name for name in pending if histograms[name].nonfinite]
+        if nonfinite:  # no integer grid holds +-inf or NaN: quantizing would corrupt it
+            plan_.keep_float(nonfinite, "an input takes +-inf or NaN on calibration data (a mask?)")
     histograms = {name: h for name, h in histograms.items() if name in plan_.specs}
     unseen = [name for name, histogram in histograms.items() if not histogram.counts.any()]
     if unseen:

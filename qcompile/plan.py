@@ -106,9 +106,12 @@ class NodeGroup:
 
 @dataclass
 class QuantPlan:
-    """Candidate node groups in graph order; `specs` are those of the groups that stay integer."""
+    """Candidate node groups in graph order; `specs` are those of the groups that stay integer, and
+    `skipped` the nodes that run in float: those the planner made no group for (`unplanned`, less
+    the Relu/Clip an integer group absorbs) and the groups that stay float."""
 
     groups: list[NodeGroup] = field(default_factory=list)
+    unplanned: list[SkippedNode] = field(default_factory=list)
     skipped: list[SkippedNode] = field(default_factory=list)
     params: dict[str, QuantParams] = field(default_factory=dict)
     specs: dict[str, TensorSpec] = field(default_factory=dict)
@@ -146,11 +149,9 @@ class QuantPlan:
         for group in self.groups:
             if group.node in integer and group.tied_output and group.tied_output.tensor in self.specs:
                 self.add(group.tied_output)
-        listed = {s.node for s in self.skipped}
-        self.skipped += [SkippedNode(g.node, g.op_type, reasons[g.node]) for g in self.groups
-                         if g.node in reasons and g.node not in listed and g.listed]
         absorbed = {name for g in self.groups if g.node in integer for name in g.absorbed}
-        self.skipped = [s for s in self.skipped if s.node not in integer | absorbed]
+        self.skipped = [s for s in self.unplanned if s.node not in absorbed]
+        self.skipped += [SkippedNode(g.node, g.op_type, reasons[g.node]) for g in self.groups if g.node in reasons and g.listed]
 
     def add(self, spec: TensorSpec) -> None:
         """Add a spec, merging consumers with an existing spec of the same tensor."""
@@ -163,11 +164,11 @@ class QuantPlan:
                               existing.operands or spec.operands)
         self.specs[spec.tensor] = spec
 
-    def keep_float(self, tensor: str, reason: str) -> None:
-        """Every group that needs `tensor` quantized stays float, and so do optional groups that
-        were worth it only for them."""
+    def keep_float(self, tensors: list[str], reason: str) -> None:
+        """Every group that needs one of `tensors` quantized stays float, and so do optional groups
+        that were worth it only for them."""
         for group in self.groups:
-            if any(spec.tensor == tensor for spec in group.specs):
+            if any(spec.tensor in tensors for spec in group.specs):
                 self.floated.setdefault(group.node, reason)
         self.resolve()
 

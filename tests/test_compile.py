@@ -155,6 +155,36 @@ def test_row_cosines_one_zero_row_is_no_agreement():
     assert row_cosines(approximation[2:], reference[2:]) == [0.0]
 
 
+def test_a_tensor_that_loses_its_shared_scale_gets_its_own_range():
+    """x (-inf in one sample) -> Conv (positive weights) -> Relu -> Reshape -> MatMul: the Conv stays
+    float, so the Reshape no longer runs on its codes at its scale; the MatMul's input (finite: the
+    Relu zeroes the -inf) then needs a range of its own, and gets one from a second pass."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(np.abs(rng.standard_normal((4, 3, 3, 3))).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w2"),
+               numpy_helper.from_array(np.array([1, 4, 8, 8], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"], name="relu"),
+             helper.make_node("Reshape", ["a1", "shape"], ["r"], name="reshape"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="matmul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 5])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    samples = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(10)]
+    samples[3]["x"][0, 0, 2, 2] = -np.inf
+    artifact = qcompile.compile(model, qcompile.QuantConfig(), calib=samples[:8], verify_data=samples[8:])
+    plan = artifact.manifest["plan"]
+    assert {(s["node"], s["reason"]) for s in plan["kept_float"]} == {
+        ("conv", "an input takes +-inf or NaN on calibration data (a mask?)"),
+        ("relu", "no integer kernel for this op in ONNX Runtime's CPU provider")}
+    r = next(t for t in plan["tensors"] if t["tensor"] == "r")
+    assert "same_as" not in r and r["consumers"] == [["matmul", 0]] and r["scale"] > 0
+    assert artifact.manifest["deployed"]["summary"] == "0/1 Conv as integer kernels, 1/1 MatMul as MatMulIntegerToFloat"
+    assert artifact.manifest["verification"]["outputs"]["y"]["sqnr_db"] > 30
+
+
 def test_an_activation_carrying_infinities_stays_float():
     """-inf (a mask) fits no integer grid: its consumer is kept float, with the reason, and so is its
     weight (a dequantized weight on a float MatMul would only cost time)."""
