@@ -58,11 +58,16 @@ class DeployedKernels:
 def deployed_kernels(model: onnx.ModelProto | str | Path) -> DeployedKernels:
     """Open `model` in an ONNX Runtime CPU session at full optimization and map each compute node
     to the kernel it runs as."""
+    return deployed_session(model)[1]
+
+
+def deployed_session(model: onnx.ModelProto | str | Path) -> tuple[ort.InferenceSession, DeployedKernels]:
+    """The session deployment opens (verification runs it too), and what it made of each compute node."""
     source = model if isinstance(model, onnx.ModelProto) else str(model)
     graph = (model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)).graph
     with tempfile.TemporaryDirectory(prefix="qcompile-deployed-") as folder:
         optimized_path = Path(folder) / "optimized.onnx"
-        make_session(source, optimized_path=optimized_path)
+        session = make_session(source, optimized_path=optimized_path)
         optimized = onnx.load(str(optimized_path), load_external_data=False)
     became = {}
     for node in optimized.graph.node:
@@ -71,4 +76,4 @@ def deployed_kernels(model: onnx.ModelProto | str | Path) -> DeployedKernels:
     for node in graph.node:
         if node.op_type in COMPUTE_OPS:
             kernels.setdefault(node.op_type, {})[node.name] = became.get(node.name)
-    return DeployedKernels(kernels)
+    return session, DeployedKernels(kernels)

@@ -22,7 +22,7 @@ from . import __version__, calibration, intake, report
 from .artifact import Artifact
 from .config import QuantConfig
 from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_holdout
-from .deployed import DeployedKernels, deployed_kernels
+from .deployed import DeployedKernels, deployed_session
 from .errors import QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
@@ -192,10 +192,11 @@ def rewrite(state: CompileState) -> None:
 def verify(state: CompileState) -> None:
     """Which compute nodes ONNX Runtime runs as integer kernels in the model as deployed; its output
     SQNR, and per-layer SQNR, against the float model on held-out samples."""
-    state.deployed = deployed_kernels(state.context.model)
+    session, state.deployed = deployed_session(state.context.model)
     if state.verify_feeds:
         layers = _quantized_layers(state.context.plan, state.reference, state.lut_nodes)
-        state.verification = verify_model(state.reference, state.context.model, state.verify_feeds, layers).to_dict()
+        state.verification = verify_model(state.reference, state.context.model, state.verify_feeds, layers,
+                                          session).to_dict()
 
 
 def describe(state: CompileState) -> None:

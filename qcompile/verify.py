@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from tqdm import tqdm
 
 from .numerics import decibels
@@ -61,13 +62,14 @@ class _SqnrSum:
 
 
 def verify(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds: Iterable[dict],
-           layers: list[tuple[str, str, str]]) -> Verification:
-    """`layers`: (node name, op type, output tensor) to compare, present in both models."""
+           layers: list[tuple[str, str, str]], deployed_session: ort.InferenceSession | None = None) -> Verification:
+    """`layers`: (node name, op type, output tensor) to compare, present in both models.
+    `deployed_session`: a session already open on `quantized_model` (one is opened otherwise)."""
     outputs = [output.name for output in float_model.graph.output  # strings have no SQNR
                if output.type.tensor_type.elem_type != onnx.TensorProto.STRING]
     layer_tensors = list(dict.fromkeys(tensor for _, _, tensor in layers if tensor not in outputs))
     float_session = make_session(with_extra_outputs(float_model, layer_tensors))
-    deployed_session = make_session(quantized_model)
+    deployed_session = deployed_session or make_session(quantized_model)
     probe_session = make_session(with_extra_outputs(quantized_model, layer_tensors)) if layer_tensors else None
     sums = {name: _SqnrSum() for name in outputs + layer_tensors}
     cosines: dict[str, list[float]] = {name: [] for name in outputs}
