@@ -102,7 +102,7 @@ def run_model(name: str, out: Path, top_functions: int, reuse: bool) -> dict:
         path, manifest, seconds = compiled(f"nl{bits}", qcompile.QuantConfig(weights="nl", acts="none", bits=bits,
                                                                              functions=functions))
         summary = manifest["lut_weights"]
-        used = sorted({layer["function"] for layer in summary["layers"]})
+        used = sorted({layer["quantizer"] for layer in summary["layers"]})
         record("qcompile nl", bits, path, {"compile_seconds": seconds, "functions_used": used,
                                            "functions_searched": len(summary["tried"][0]["per_function"])})
         if functions is None:  # the whole pool ran at 4 bits: later widths search its best functions only

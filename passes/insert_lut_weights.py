@@ -3,18 +3,22 @@
 Pattern -> rewrite (W a constant float weight, encoded in context.lut: its quantizer and codes):
     MatMul(X, W[K, N])                 ->  qcompile.LutMatMul(X, codes, table)
     Gemm(X, W, C) (alpha = beta = 1)   ->  qcompile.LutMatMul(X, codes, table) -> Add(C)
-    Conv(X, W[O, I, kh, kw], ...)      ->  Conv(X, Reshape(qcompile.LutDequantize(codes, table)), ...)
+    Conv(X, W[O, I, kh, kw], ...)      ->  Conv(X, Reshape(qcompile.LutDequantizeConstant(codes, table)), ...)
     Gather(W[V, D], ids, axis=0)       ->  Reshape(LutDequantize(Gather(codes, ids), Gather(table, ids)))
 `codes` is uint8 [N, ceil(K*B/8)], one row per output channel (per embedding row for Gather).
 `table` is not stored: it is computed from the quantizer's per-row parameters by standard ops
 generated from its SymPy expression (s * f(a * c / 2^(B-1)), or scale * (c - zero)); every input of
-that subgraph is a constant, so ONNX Runtime folds it into the table once, at session start.
+that subgraph is a constant, so ONNX Runtime folds it into the table once, at session start. A free
+table is stored as float16 and cast. A Conv weight is decoded by standard ops (LutDequantizeConstant
+has no library kernel) that ONNX Runtime folds into a float weight at session start: a Conv whose
+weight is computed at run time loses ONNX Runtime's blocked (NCHWc) layout and runs up to 8x slower.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qcompile.lut import DOMAIN as LUT_DOMAIN, packing
@@ -86,6 +90,12 @@ class OnnxBackend(Backend):
     def const(self, value: float):
         return gs.Constant(self._name("const"), np.array(value, dtype=np.float32))
 
+    def parameter(self, name: str, values: np.ndarray):
+        """A quantizer parameter as a float32 input: float16 ones are stored as they are and cast."""
+        if values.dtype == np.float16:
+            return self._node("Cast", [gs.Constant(name, values)], to=onnx.TensorProto.FLOAT)
+        return gs.Constant(name, values.astype(np.float32))
+
     def add(self, x, y):
         return self._node("Add", [x, y])
 
@@ -121,7 +131,7 @@ class InsertLutWeights:
                 self._matmul(graph, node, codes, table, attrs)
             elif node.op == "Conv":
                 shape = gs.Constant(f"{tensor}_shape", np.array(node.inputs[1].shape, dtype=np.int64))
-                dequantized = _op(graph, "LutDequantize", f"{tensor}_lut", [codes, table], attrs, LUT_DOMAIN)
+                dequantized = _op(graph, "LutDequantizeConstant", f"{tensor}_lut", [codes, table], attrs, LUT_DOMAIN)
                 node.inputs[1] = _op(graph, "Reshape", f"{tensor}_reshaped", [dequantized, shape])
             else:
                 self._gather(graph, node, codes, table, attrs)
@@ -129,11 +139,12 @@ class InsertLutWeights:
 
     @staticmethod
     def _table(graph: gs.Graph, tensor: str, quantizer) -> gs.Tensor:
-        symbols = {symbol: gs.Constant(f"{tensor}_{symbol.name}", quantizer.params[symbol.name].astype(np.float32))
+        backend = OnnxBackend(graph, f"{tensor}_table")
+        symbols = {symbol: backend.parameter(f"{tensor}_{symbol.name}", quantizer.params[symbol.name])
                    for symbol in quantizer.expression.free_symbols if symbol.name in quantizer.params}
         symbols.update({symbol: gs.Constant(f"{tensor}_grid", quantizer.grid.astype(np.float32))
                         for symbol in quantizer.expression.free_symbols if symbol.name == "c"})
-        return lower(quantizer.expression, symbols, OnnxBackend(graph, f"{tensor}_table"))
+        return lower(quantizer.expression, symbols, backend)
 
     @staticmethod
     def _matmul(graph: gs.Graph, node: gs.Node, codes, table, attrs) -> None:

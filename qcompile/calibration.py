@@ -96,6 +96,31 @@ def collect_histograms(
     return histograms
 
 
+def collect_input_moments(model: onnx.ModelProto, inputs: dict[str, bool], batches: Iterable[dict], threads: int,
+                          total: int | None = None) -> dict[str, np.ndarray]:
+    """Second moments of layer inputs over `batches`, in memory that does not grow with the data:
+    inputs[name] True: E[x^T x] over the last axis ([K, K], a MatMul/Gemm input); False: E[x_c^2]
+    per channel (axis 1, a Conv input)."""
+    graph_inputs = {i.name for i in model.graph.input}
+    computed = [name for name in inputs if name not in graph_inputs]
+    session = make_session(with_extra_outputs(model, computed), threads=threads)
+    sums: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(inputs, 0)
+    for feed in tqdm(batches, desc="collecting layer input statistics", unit="batch", total=total, leave=False):
+        values = {**dict(zip(computed, session.run(computed, feed))), **feed}
+        for name in inputs:
+            value = values[name]
+            if inputs[name]:
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float32)
+                product, count = (flat.T @ flat).astype(np.float64), flat.shape[0]
+            else:
+                channels = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).astype(np.float64)
+                product, count = np.einsum("ij,ij->i", channels, channels), channels.shape[1]
+            sums[name] = sums[name] + product if name in sums else product
+            counts[name] += count
+    return {name: sums[name] / max(counts[name], 1) for name in sums}
+
+
 def activation_params(spec: TensorSpec, histogram: StreamingHistogram | None, method: str, percentile: float) -> QuantParams:
     grid = spec.grid
     if spec.fixed_range is not None:

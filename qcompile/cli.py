@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, EXECUTOR_NAMES, SELECTIONS, QuantConfig
+from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, EXECUTOR_NAMES, FITS, SELECTIONS, QuantConfig
 from .errors import InternalError, QCompileError, first_line
 
 # Where more than this share of the linear compute stays float, the summary says so loudly.
@@ -37,9 +37,12 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Artifact directory to write.")
 @click.option("--weights", default="int8", show_default=True,
               help="int8 | int4 (QDQ; int4 with --acts none or --block, and int2..int7: packed affine lookup-table "
-                   "weights) | nl | nlB (PTNQ non-linear B-bit) | none.")
-@click.option("--bits", help="Code width for --weights nl: B, or LOW-HIGH to search widths (with --target-sqnr).")
-@click.option("--block", type=int, help="Affine lookup-table weights: one table per block of this many inputs.")
+                   "weights) | nl | nlB (PTNQ non-linear B-bit) | table | tableB (free B-bit float16 tables) | none.")
+@click.option("--bits", help="Code width for --weights nl or table: B; for nl also LOW-HIGH to search widths "
+                             "(with --target-sqnr).")
+@click.option("--block", type=int, help="Affine or free lookup tables: one table per block of this many inputs.")
+@click.option("--fit", type=click.Choice(FITS), default="output", show_default=True,
+              help="Fit lookup-table weights to each layer's output error on --calib data, or to the weights alone.")
 @click.option("--target-sqnr", type=float, help="Bit-width search: keep the lowest width reaching this output SQNR (dB).")
 @click.option("--functions", help="Comma-separated PTNQ pool functions to search (default: the whole pool).")
 @click.option("--lut-ops", help="Comma-separated ops whose weights become lookup tables "
@@ -58,8 +61,8 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--no-residual", is_flag=True, help="Keep Adds of two activations (residual Adds) in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
-def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr, functions, lut_ops, function_depth, select,
-            executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
+def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, functions, lut_ops, function_depth,
+            select, executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .artifact import check_output
     from .compiler import compile as compile_model
@@ -71,7 +74,7 @@ def compile(model, calib, verify_data, output, weights, bits, block, target_sqnr
                          block=block, target_sqnr=target_sqnr, function_depth=function_depth,
                          functions=tuple(functions.split(",")) if functions else None, select=select,
                          **({"lut_ops": tuple(lut_ops.split(","))} if lut_ops else {}),
-                         executor=executor, workers=workers)
+                         executor=executor, workers=workers, fit=fit)
     artifact = compile_model(model, config, calib=calib, verify_data=verify_data)
     artifact.save(output, force=force)
     if explain:
@@ -85,17 +88,17 @@ def _weight_format(text: str, bits: str | None, block: int | None, acts: str) ->
     bit_range = _bit_range(bits) if bits else None
     if text in ("int8", "int4", "none") and block is None and (text != "int4" or acts != "none"):
         if bits:
-            raise QCompileError(f"--bits applies to lookup-table weights (nl, int2..int7), not --weights {text}")
+            raise QCompileError(f"--bits applies to lookup-table weights (nl, table, int2..int7), not --weights {text}")
         return text, (4, 4)
-    for prefix, kind in (("nl", "nl"), ("int", "affine")):
-        if text.startswith(prefix) and (text == prefix == "nl" or text[len(prefix):].isdigit()):
-            if text == "nl":
-                return "nl", bit_range or (4, 4)
+    for prefix, kind in (("nl", "nl"), ("table", "table"), ("int", "affine")):
+        if text.startswith(prefix) and (text == prefix != "int" or text[len(prefix):].isdigit()):
+            if text == prefix:
+                return kind, bit_range or (4, 4)
             width = int(text[len(prefix):])
             if bit_range not in (None, (width, width)):
                 raise QCompileError(f"--weights {text} already sets {width} bits; --bits {bits} disagrees")
             return kind, (width, width)
-    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB or none (B = 2..8); got {text!r}")
+    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB, table, tableB or none (B = 2..8); got {text!r}")
 
 
 def _bit_range(text: str) -> tuple[int, int]:
@@ -209,10 +212,10 @@ def _print_summary(manifest: dict, output: Path) -> None:
                f"{len(plan['kept_float'])} nodes kept in float")
     lut_weights = manifest["lut_weights"]
     if lut_weights:
-        used = sorted({layer["function"] or "affine" for layer in lut_weights["layers"]})
+        used = sorted({layer["quantizer"] for layer in lut_weights["layers"]})
         sqnr = "" if lut_weights["sqnr_db"] is None else f"; output SQNR on calibration data {lut_weights['sqnr_db']:.2f} dB"
         click.echo(f"  {len(lut_weights['layers'])} weights as packed {lut_weights['bits']}-bit lookup tables "
-                   f"({', '.join(used)}){sqnr}")
+                   f"({', '.join(used)}), fitted to {lut_weights['fit']}{sqnr}")
     coverage = manifest["coverage"]
     if coverage["kept_float"]:
         share = coverage["kept_float"] / coverage["linear_ops"]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from .errors import QCompileError
 
-WEIGHT_FORMATS = ("int8", "int4", "none", "nl", "affine")
-LUT_WEIGHT_FORMATS = ("nl", "affine")  # packed codes read through lookup tables (qcompile custom ops)
+WEIGHT_FORMATS = ("int8", "int4", "none", "nl", "affine", "table")
+LUT_WEIGHT_FORMATS = ("nl", "affine", "table")  # packed codes read through lookup tables (qcompile custom ops)
+FITS = ("output", "weight")
 LUT_BITS = range(2, 9)
 SELECTIONS = ("layer", "model")
 LUT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
@@ -24,11 +25,16 @@ class QuantConfig:
     weights: "int8" = symmetric int8 (-127..127), per output channel; "int4" = symmetric -7..7, per
         output channel, codes stored one per byte (int8 tensors); "none" = keep float. These three
         are QDQ formats. Lookup-table formats (packed codes, qcompile's custom ops): "nl" = PTNQ
-        non-linear functions (seed 003), "affine" = MSE-optimal asymmetric affine, per output
+        non-linear functions (seed 003), "affine" = MSE-optimal asymmetric affine, "table" = 2^B free
+        values fitted by k-means and stored as float16 (SqueezeLLM); affine and table per output
         channel or per block of `block` columns.
+    fit: "output" = fit lookup-table weights to the layer's output error on calibration inputs (GPTQ
+        error feedback when choosing the codes of MatMul/Gemm weights; Conv weights weighted by
+        their input channel's E[x^2]); "weight" = minimise each weight's own error. "output" needs
+        calibration data and falls back to "weight" without it.
     bits: (lowest, highest) code width for "nl" / "affine" (an int B means (B, B)); with a range, "nl" searches from the
         highest down and keeps the lowest width whose output SQNR reaches `target_sqnr`.
-    block: affine block size along the input dimension (None: per output channel).
+    block: affine or table block size along the input dimension (None: per output channel).
     target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
     function_depth: PTNQ pool depth: 0 = the primitives, 1 = also their compositions f(g(x)).
     functions: search only these pool functions (names as in qcompile.lut.functions; None: the whole pool).
@@ -66,6 +72,7 @@ class QuantConfig:
     select: str = "layer"
     executor: str = "local"
     workers: int | None = None
+    fit: str = "output"
 
     def __post_init__(self) -> None:
         _check_choice("weights", self.weights, WEIGHT_FORMATS)
@@ -81,12 +88,13 @@ class QuantConfig:
         low, high = self.bits
         if low not in LUT_BITS or high not in LUT_BITS or low > high:
             raise QCompileError(f"bits must be a range within 2..8 (like 4 or 4-8), got {low}-{high}")
-        if self.weights == "affine" and low != high:
-            raise QCompileError("a bit-width search (--bits LOW-HIGH) needs --weights nl")
         if self.target_sqnr is not None and (self.weights != "nl" or low == high):
             raise QCompileError("--target-sqnr drives the bit-width search: it needs --weights nl and --bits LOW-HIGH")
-        if self.block is not None and (self.weights != "affine" or self.block < 1):
-            raise QCompileError(f"--block needs affine lookup-table weights (like int4) and a positive size, got {self.block}")
+        if self.weights in ("affine", "table") and low != high:
+            raise QCompileError(f"a bit-width search (--bits LOW-HIGH) needs --weights nl, not {self.weights}")
+        if self.block is not None and (self.weights not in ("affine", "table") or self.block < 1):
+            raise QCompileError("--block needs affine or table lookup-table weights (like int4 or table4) and a positive "
+                                f"size, got {self.block}")
         object.__setattr__(self, "lut_ops", tuple(self.lut_ops))
         if not self.lut_ops or not set(self.lut_ops) <= set(LUT_OPS):
             raise QCompileError(f"lut_ops must be a non-empty subset of {', '.join(LUT_OPS)}; got {', '.join(self.lut_ops)}")
@@ -103,6 +111,7 @@ class QuantConfig:
                                     f"the depth-0 pool is {', '.join(f.name for f in pool(0))}")
         _check_choice("select", self.select, SELECTIONS)
         _check_choice("executor", self.executor, EXECUTOR_NAMES)
+        _check_choice("fit", self.fit, FITS)
 
     @property
     def lut_weights(self) -> bool:

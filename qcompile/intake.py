@@ -27,7 +27,7 @@ LUT_OPSET = 18  # BitShift / BitwiseAnd in the lookup-table fallback functions
 TRAINING_DOMAINS = ("ai.onnx.preview.training", "ai.onnx.training", "com.microsoft.nchwc")
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd", "QLinearMul", "MatMulNBits",
-                 "DynamicQuantizeMatMul", "LutMatMul", "LutDequantize"}
+                 "DynamicQuantizeMatMul", "LutMatMul", "LutDequantize", "LutDequantizeConstant"}
 HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 CONVERSION_TOLERANCE = 1e-4  # relative to the output's largest magnitude

@@ -25,7 +25,7 @@ from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_ho
 from .deployed import DeployedKernels, deployed_session
 from .errors import QCompileError, first_line
 from .graph import load_model
-from .lut import DOMAIN as LUT_DOMAIN, search as lut_search
+from .lut import DOMAIN as LUT_DOMAIN, search as lut_search, tables as lut_tables
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, FuseHardSwish, InsertLutWeights,
                      InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
 from .passes.insert_lut_weights import find_lut_weights
@@ -160,15 +160,17 @@ def search(state: CompileState) -> None:
     if state.calib is not None:
         feeds = list(batched(itertools.islice(_reiterable(state), PROBE_SAMPLES), state.inputs, config.calib_batch_size))
         probe = lut_search.SqnrProbe(state.reference, {w.tensor: w.to_original(w.rows) for w in weights}, feeds)
-    choice, tried = lut_search.choose(weights, config, probe)
+    statistics = _layer_statistics(state, weights)
+    choice, tried = lut_search.choose(weights, config, probe, statistics)
+    fit = "output error (GPTQ codes for MatMul/Gemm, weighted fits for Conv)" if statistics else "weight error"
     context.lut = choice.encoded
     state.lut_nodes = {w.node for w in weights}
     context.plan.skipped = [s for s in context.plan.skipped if s.node not in state.lut_nodes]
     layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
-               "k": int(w.rows.shape[1]), "bits": choice.bits, "function": choice.encoded[w.tensor].quantizer.function,
+               "k": int(w.rows.shape[1]), "bits": choice.bits, "quantizer": choice.encoded[w.tensor].quantizer.name,
                "blocks": int(choice.encoded[w.tensor].quantizer.table.shape[1]), "mse": choice.encoded[w.tensor].mse}
               for w in weights]
-    state.lut_summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db,
+    state.lut_summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db, "fit": fit,
                          "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
                          "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function}
                                    for c in tried],
@@ -178,8 +180,30 @@ def search(state: CompileState) -> None:
         row = int(np.abs(w.rows).max(axis=1).argmax())  # the row with the widest range
         encoded = choice.encoded[w.tensor]
         values = encoded.quantizer.dequantize(encoded.codes[row:row + 1])[0]
-        samples.append((f"{w.tensor} row {row} ({encoded.quantizer.function or 'affine'})", w.rows[row], values))
+        samples.append((f"{w.tensor} row {row} ({encoded.quantizer.name})", w.rows[row], values))
     state.figures = (report.sorted_weights_figure(samples),)
+
+
+def _layer_statistics(state: CompileState, weights) -> dict[str, lut_tables.LayerStatistics]:
+    """Output-aware fitting's statistics of each lookup-table weight's input, from one streaming pass
+    over the calibration data: E[x^T x] of MatMul/Gemm inputs (up to GPTQ_MAX_INPUTS wide), E[x_c^2] of
+    Conv inputs. Empty for --fit weight or without calibration data."""
+    if state.config.fit != "output" or state.calib is None:
+        return {}
+    nodes = {node.name: node for node in state.context.graph.nodes}
+    layer_input, full = {}, {}  # weight -> its input; input -> K x K (True) or per channel (False)
+    for w in weights:
+        name, square = nodes[w.node].inputs[0].name, w.op != "Conv"
+        if w.op == "Gather" or (square and w.rows.shape[1] > lut_tables.GPTQ_MAX_INPUTS) or full.get(name, square) != square:
+            continue
+        layer_input[w.tensor], full[name] = name, square
+    if not full:
+        return {}
+    moments = calibration.collect_input_moments(
+        state.reference, full, batched(_reiterable(state), state.inputs, state.config.calib_batch_size),
+        threads=DETERMINISTIC_THREADS)
+    return {w.tensor: lut_tables.layer_statistics(w, moments[layer_input[w.tensor]]) for w in weights
+            if w.tensor in layer_input}
 
 
 def rewrite(state: CompileState) -> None:

@@ -76,14 +76,14 @@ def render_qat(manifest: dict) -> str:
 def _lut_section(summary: dict, figures: tuple[str, ...]) -> list[str]:
     sqnr = "" if summary["sqnr_db"] is None else f", output SQNR {summary['sqnr_db']:.2f} dB"
     parts = [f"<h2>Lookup-table weights: {html.escape(summary['format'])}, {summary['bits']} bits{sqnr}</h2>",
-             f"<p>Candidates scored by {html.escape(summary['scored_by'])}.</p>"]
+             f"<p>Fitted to {html.escape(summary['fit'])}; candidates scored by {html.escape(summary['scored_by'])}.</p>"]
     tried = [[t["bits"], f["function"], f["sqnr_db"], f["mse"]] for t in summary["tried"] for f in t["per_function"]]
     if tried:
         parts.append("<h3>Every function, one per model</h3>")
         parts.append(table(["bits", "function", "output SQNR (dB)", "mean weight MSE"], tried))
     parts.append("<h3>Chosen per layer</h3>")
-    parts.append(table(["tensor", "op", "rows x k", "bits", "function", "tables per row", "weight MSE"],
-                       [[l["tensor"], l["op_type"], f"{l['rows']} x {l['k']}", l["bits"], l["function"] or "affine",
+    parts.append(table(["tensor", "op", "rows x k", "bits", "quantizer", "tables per row", "weight MSE"],
+                       [[l["tensor"], l["op_type"], f"{l['rows']} x {l['k']}", l["bits"], l["quantizer"],
                          l["blocks"], l["mse"]] for l in summary["layers"]]))
     parts.extend(figures)
     return parts

@@ -8,7 +8,10 @@ A weight matrix W [N, K] (N output channels) is stored as
 
 Two ops read it, LutDequantize(packed, table) -> W and LutMatMul(X, packed, table) -> X @ W^T, with
 integer attributes `bits` and `k`. Each also ships as an ONNX model-local function made of standard
-ops, so a stock ONNX Runtime without qcompile's library runs the artifact (slower).
+ops, so a stock ONNX Runtime without qcompile's library runs the artifact (slower). A third,
+LutDequantizeConstant, is LutDequantize with no kernel in the library: ONNX Runtime always runs its
+function, and with constant inputs folds it into a float weight at session start (Conv weights: the
+Conv then keeps ONNX Runtime's blocked float layout).
 """
 from __future__ import annotations
 
@@ -100,17 +103,19 @@ def _dequantize_body(packed: str, table: str, weight: str) -> list[onnx.NodeProt
 
 
 def function_protos(opset: int) -> list[onnx.FunctionProto]:
-    """The standard-op fallbacks for LutDequantize and LutMatMul, for a model importing ai.onnx `opset` (>= 18)."""
+    """The standard-op bodies of LutDequantize, LutDequantizeConstant and LutMatMul, for a model importing
+    ai.onnx `opset` (>= 18)."""
     imports = [helper.make_opsetid("", opset)]
-    dequantize = helper.make_function(DOMAIN, "LutDequantize", ["packed", "table"], ["weight"],
-                                      _dequantize_body("packed", "table", "weight"), imports, ["bits", "k"])
+    dequantize, constant = (helper.make_function(DOMAIN, name, ["packed", "table"], ["weight"],
+                                                 _dequantize_body("packed", "table", "weight"), imports, ["bits", "k"])
+                            for name in ("LutDequantize", "LutDequantizeConstant"))
     matmul_nodes = _dequantize_body("packed", "table", "weight") + [
         helper.make_node("Transpose", ["weight"], ["weight_t"], perm=[1, 0]),
         helper.make_node("MatMul", ["X", "weight_t"], ["Y"]),
     ]
     matmul = helper.make_function(DOMAIN, "LutMatMul", ["X", "packed", "table"], ["Y"], matmul_nodes, imports,
                                   ["bits", "k"])
-    return [dequantize, matmul]
+    return [dequantize, constant, matmul]
 
 
 def add_functions(model: onnx.ModelProto) -> None:

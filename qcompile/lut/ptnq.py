@@ -66,6 +66,11 @@ class Quantizer:
         rows, blocks = next(iter(self.params.values())).shape[:2]
         self.table = np.broadcast_to(table, (rows, blocks, self.grid.size)).astype(np.float32)
 
+    @property
+    def name(self) -> str:
+        """The pool function, "affine" or "table" (free values)."""
+        return self.function or ("affine" if "scale" in self.params else "table")
+
     def encode(self, rows: np.ndarray) -> np.ndarray:
         """[N, K] weights -> [N, K] table indices (nearest entry of each row's block table)."""
         n, k = rows.shape
@@ -114,12 +119,16 @@ def nonlinear_quantizer(function: str, bits: int, a_rows: np.ndarray, s_rows: np
                      {"a": a_rows.reshape(-1, 1, 1), "s": s_rows.reshape(-1, 1, 1)}, nonlinear_grid(bits))
 
 
-def affine_quantizer(rows: np.ndarray, bits: int, block: int | None = None) -> Quantizer:
-    """MSE-optimal asymmetric B-bit affine parameters per row, or per block of `block` columns."""
+def affine_quantizer(rows: np.ndarray, bits: int, block: int | None = None,
+                     weights: np.ndarray | None = None) -> Quantizer:
+    """MSE-optimal asymmetric B-bit affine parameters per row, or per block of `block` columns; `weights`
+    ([N, K] or broadcastable) weigh each value's squared error."""
     n, k = rows.shape
     block = block or k
     blocked = rows.reshape(n * (k // block), block)
-    step, zero_point = mse_params(blocked, IntGrid(0, (1 << bits) - 1, np.uint8))
+    if weights is not None:
+        weights = np.broadcast_to(weights, rows.shape).reshape(blocked.shape)
+    step, zero_point = mse_params(blocked, IntGrid(0, (1 << bits) - 1, np.uint8), weights)
     shape = (n, k // block, 1)
     return Quantizer(bits, None, scale * (c - zero),
                      {"scale": np.asarray(step, np.float32).reshape(shape),
@@ -127,10 +136,19 @@ def affine_quantizer(rows: np.ndarray, bits: int, block: int | None = None) -> Q
                      np.arange(1 << bits, dtype=np.float64))
 
 
-def sketch(rows: np.ndarray, points: int = SKETCH_POINTS) -> np.ndarray:
-    """Equally spaced order statistics of each row: [N, points] (a short row repeats some)."""
-    ordered = np.sort(rows, axis=1)
-    return ordered[:, np.round(np.linspace(0, rows.shape[1] - 1, points)).astype(np.int64)]
+def sketch(rows: np.ndarray, points: int = SKETCH_POINTS, weights: np.ndarray | None = None) -> np.ndarray:
+    """Equally spaced order statistics of each row: [N, points] (a short row repeats some). With
+    `weights` ([N, K] or broadcastable), weighted quantiles: an unweighted fit to the sketch then
+    minimises the weighted squared error."""
+    if weights is None:
+        ordered = np.sort(rows, axis=1)
+        return ordered[:, np.round(np.linspace(0, rows.shape[1] - 1, points)).astype(np.int64)]
+    order = np.argsort(rows, axis=1)
+    ordered = np.take_along_axis(rows, order, axis=1)
+    cumulative = np.cumsum(np.take_along_axis(np.broadcast_to(weights, rows.shape), order, axis=1), axis=1)
+    targets = (np.arange(points) + 0.5) / points * cumulative[:, -1:]
+    positions = np.minimum(np.array([np.searchsorted(c, t) for c, t in zip(cumulative, targets)]), rows.shape[1] - 1)
+    return np.take_along_axis(ordered, positions, axis=1)
 
 
 def fit_function(function: str, bits: int, sketches: np.ndarray, layer_of_row: np.ndarray,

@@ -8,7 +8,9 @@ calibration data, not only by weight MSE:
   with its lowest weight MSE and keeps it where the output SQNR improves.
 With a bit range, widths go from high to low; a function whose SQNR misses the target at one
 width is pruned from the lower ones, and the lowest width that reaches the target is kept.
-Affine: MSE-optimal parameters per row or per block, no search.
+Affine and free tables ("table", k-means): one quantizer per weight, no search.
+With calibration data, fitting is output-aware (qcompile.lut.tables): GPTQ codes for MatMul/Gemm
+weights, importance-weighted fits for Conv weights.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..errors import QCompileError
 from .executors import make_executor
 from ..numerics import decibels
 from .ptnq import FitOptions, Quantizer, affine_quantizer, fit_function, nonlinear_quantizer, sketch
+from .tables import LayerStatistics, free_table, gptq_codes
 from ..runtime import make_session
 
 
@@ -74,8 +77,10 @@ class Encoded:
     mse: float
 
     @classmethod
-    def of(cls, weight, quantizer: Quantizer) -> "Encoded":
-        codes = quantizer.encode(weight.rows).astype(np.uint8)
+    def of(cls, weight, quantizer: Quantizer, hessian: np.ndarray | None = None) -> "Encoded":
+        """Nearest-entry codes, or with a layer input's E[x^T x], GPTQ's."""
+        codes = quantizer.encode(weight.rows) if hessian is None else gptq_codes(weight.rows, quantizer, hessian)
+        codes = codes.astype(np.uint8)
         return cls(quantizer, codes, float(np.mean((quantizer.dequantize(codes) - weight.rows) ** 2)))
 
     def weight(self, weight) -> np.ndarray:
@@ -83,18 +88,22 @@ class Encoded:
         return weight.to_original(self.quantizer.dequantize(self.codes))
 
 
-def choose(weights, config: QuantConfig, probe: SqnrProbe | None,
+def choose(weights, config: QuantConfig, probe: SqnrProbe | None, statistics: dict[str, LayerStatistics] | None = None,
            options: FitOptions | None = None) -> tuple[Choice, list[Choice]]:
-    """The quantizer of every weight (a list of LutWeight), and what was tried at each bit width."""
+    """The quantizer of every weight (a list of LutWeight), and what was tried at each bit width.
+    statistics: per weight tensor, its layer's input statistics (output-aware fitting); none: weight MSE."""
+    statistics = {w.tensor: (statistics or {}).get(w.tensor) or LayerStatistics() for w in weights}
     low, high = config.bits
-    if config.weights == "affine":
-        chosen = {w.tensor: Encoded.of(w, affine_quantizer(w.rows, high, _block_for(w, config.block))) for w in weights}
+    if config.weights in ("affine", "table"):
+        fit = affine_quantizer if config.weights == "affine" else free_table
+        chosen = {w.tensor: Encoded.of(w, fit(w.rows, high, _block_for(w, config.block), statistics[w.tensor].importance),
+                                       statistics[w.tensor].hessian) for w in weights}
         score = probe({w.tensor: chosen[w.tensor].weight(w) for w in weights}) if probe else None
         choice = Choice(high, chosen, score, [])
         return choice, [choice]
     options = options or FitOptions()
     executor = make_executor(config.executor, config.workers)
-    sketches = np.concatenate([sketch(w.rows) for w in weights])
+    sketches = np.concatenate([sketch(w.rows, weights=statistics[w.tensor].importance) for w in weights])
     layer_of_row = np.concatenate([np.full(w.rows.shape[0], i) for i, w in enumerate(weights)])
     alive = list(config.functions or [f.name for f in functions.pool(config.function_depth)])
     tried: list[Choice] = []
@@ -107,6 +116,11 @@ def choose(weights, config: QuantConfig, probe: SqnrProbe | None,
         chosen, score = dict(candidates[best]), scores[best]
         if config.select == "layer":
             chosen, score = _per_layer(weights, candidates, chosen, score, probe)
+        if any(stats.hessian is not None for stats in statistics.values()):
+            # Candidates compete on nearest-entry codes (GPTQ per candidate would multiply the search time);
+            # the chosen quantizers then get GPTQ's codes.
+            chosen = {w.tensor: Encoded.of(w, chosen[w.tensor].quantizer, statistics[w.tensor].hessian) for w in weights}
+            score = _score(weights, chosen, probe)
         per_function = [{"function": name, "sqnr_db": scores[name] if probe else None,
                          "mse": float(np.mean([e.mse for e in encoded.values()]))} for name, encoded in candidates.items()]
         tried.append(Choice(bits, chosen, score if probe else None, per_function))
