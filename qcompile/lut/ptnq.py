@@ -39,8 +39,8 @@ class FitOptions:
     """steps: Adam steps per schedule; space_*: space-search rounds, draws per row per round, and the
     coarser sketch it scores on; regression: refine the best start by a fit to the sorted weights."""
 
-    steps: int = 40
-    space_rounds: int = 50
+    steps: int = 15
+    space_rounds: int = 15
     space_population: int = 16
     space_sketch: int = 32
     regression: bool = False
@@ -97,13 +97,15 @@ class Float32Backend(Backend):
 
 def nearest(rows: np.ndarray, tables: np.ndarray) -> np.ndarray:
     """Index of the nearest entry of tables[r] for every value of rows[r]; NaN entries are never chosen."""
+    import torch
+
     safe = np.where(np.isnan(tables), np.inf, tables)
     order = np.argsort(safe, axis=1, kind="stable")
     ordered = np.take_along_axis(safe, order, axis=1)
-    midpoints = (ordered[:, 1:] + ordered[:, :-1]) / 2
-    positions = np.empty(rows.shape, dtype=np.int64)
-    for r in range(rows.shape[0]):
-        positions[r] = np.searchsorted(midpoints[r], rows[r])
+    with np.errstate(invalid="ignore"):  # inf + inf midpoints: past every finite value, as wanted
+        midpoints = (ordered[:, 1:] + ordered[:, :-1]) / 2
+    positions = torch.searchsorted(torch.from_numpy(np.ascontiguousarray(midpoints)),
+                                   torch.from_numpy(np.ascontiguousarray(rows, dtype=midpoints.dtype))).numpy()
     return np.take_along_axis(order, positions, axis=1)
 
 

@@ -29,6 +29,10 @@ from .tables import LayerStatistics, free_table, gptq_codes
 from ..runtime import make_session
 
 
+SCREEN_ROWS = 4096  # rows, spread over the layers, on which the whole pool is fitted first
+SCREEN_KEEP = 4  # functions then fitted to every row and compared on the model's output
+
+
 class SqnrProbe:
     """Output SQNR of the float model with some weights replaced, on a few calibration batches.
     The weights become graph inputs, so one session scores every candidate."""
@@ -108,9 +112,10 @@ def choose(weights, config: QuantConfig, probe: SqnrProbe | None, statistics: di
     alive = list(config.functions or [f.name for f in functions.pool(config.function_depth)])
     tried: list[Choice] = []
     for bits in range(high, low - 1, -1):
-        fits = executor.map(fit_function, [(name, bits, sketches, layer_of_row, options) for name in alive],
-                            f"fitting {len(alive)} functions at {bits} bits")
-        candidates = {name: _encode(name, bits, fit, weights) for name, fit in zip(alive, fits)}
+        finalists = _screen(alive, bits, sketches, layer_of_row, options, executor)
+        fits = executor.map(fit_function, [(name, bits, sketches, layer_of_row, options) for name in finalists],
+                            f"fitting {len(finalists)} functions at {bits} bits")
+        candidates = {name: _encode(name, bits, fit, weights) for name, fit in zip(finalists, fits)}
         scores = {name: _score(weights, encoded, probe) for name, encoded in candidates.items()}
         best = max(scores, key=scores.get)
         chosen, score = dict(candidates[best]), scores[best]
@@ -136,6 +141,29 @@ def choose(weights, config: QuantConfig, probe: SqnrProbe | None, statistics: di
         raise QCompileError(f"no quantizer reaches the target SQNR of {config.target_sqnr} dB at {high} bits "
                             f"(best: {tried[0].sqnr_db:.2f} dB); lower --target-sqnr or raise --bits")
     return reached[-1], tried
+
+
+def _screen(names: list[str], bits: int, sketches: np.ndarray, layer_of_row: np.ndarray, options: FitOptions,
+            executor) -> list[str]:
+    """The SCREEN_KEEP functions with the lowest error when fitted to SCREEN_ROWS rows spread evenly over
+    the layers (each layer's error relative to its rows' mean square, averaged over layers): only these
+    are fitted to every row."""
+    if len(names) <= SCREEN_KEEP:
+        return names
+    layers = np.unique(layer_of_row)
+    per_layer = -(-SCREEN_ROWS // len(layers))
+    rows = np.concatenate([np.flatnonzero(layer_of_row == layer)[:: max(1, int(np.sum(layer_of_row == layer)) // per_layer)]
+                           for layer in layers])
+    screen, screen_layers = sketches[rows], layer_of_row[rows]
+    fits = executor.map(fit_function, [(name, bits, screen, screen_layers, options) for name in names],
+                        f"screening {len(names)} functions at {bits} bits")
+    power = np.maximum(np.mean(screen.astype(np.float64) ** 2, axis=1), 1e-30)
+    errors = {}
+    for name, (a_rows, s_rows) in zip(names, fits):
+        quantizer = nonlinear_quantizer(name, bits, a_rows, s_rows)
+        relative = np.mean((quantizer.dequantize(quantizer.encode(screen)) - screen) ** 2, axis=1) / power
+        errors[name] = float(np.mean([np.mean(relative[screen_layers == layer]) for layer in layers]))
+    return sorted(names, key=lambda name: (not np.isfinite(errors[name]), errors[name]))[:SCREEN_KEEP]
 
 
 def _block_for(weight, block: int | None) -> int | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .ptnq import Quantizer
+from .ptnq import Quantizer, affine_quantizer
 
 LLOYD_ITERATIONS = 24
 GPTQ_BLOCK = 128  # columns updated together (GPTQ's lazy batch)
@@ -60,16 +60,18 @@ def layer_statistics(weight, moments: np.ndarray | None) -> LayerStatistics:
 
 def free_table(rows: np.ndarray, bits: int, block: int | None = None, weights: np.ndarray | None = None) -> Quantizer:
     """2^bits values per row (per block of `block` columns) by Lloyd-Max k-means, each value's squared
-    error weighted by `weights` ([N, K] or broadcastable), stored as float16."""
+    error weighted by `weights` ([N, K] or broadcastable), stored as float16. Lloyd starts from the
+    MSE-optimal affine grid and never increases the error, so a free table is never worse than affine
+    (started at the weighted quantiles instead, it ended 5% worse than affine on Laplacian rows)."""
     n, k = rows.shape
-    block = block or k
-    blocks = k // block
-    values = rows.reshape(n * blocks, block)
-    weight = (np.ones_like(rows) if weights is None else np.broadcast_to(weights, rows.shape)).reshape(n * blocks, block)
+    start = affine_quantizer(rows, bits, block, weights).table  # [N, G, 2^B]
+    blocks = start.shape[1]
+    values = rows.reshape(n * blocks, k // blocks)
+    weight = (np.ones_like(rows) if weights is None else np.broadcast_to(weights, rows.shape)).reshape(values.shape)
     table = np.empty((n * blocks, 1 << bits), np.float32)
-    for start in range(0, n * blocks, ROW_CHUNK):
-        part = slice(start, start + ROW_CHUNK)
-        table[part] = weighted_kmeans(values[part], weight[part], 1 << bits)
+    for begin in range(0, n * blocks, ROW_CHUNK):
+        part = slice(begin, begin + ROW_CHUNK)
+        table[part] = weighted_kmeans(values[part], weight[part], start.reshape(n * blocks, -1)[part])
     return table_quantizer(table.reshape(n, blocks, 1 << bits), bits)
 
 
@@ -79,27 +81,22 @@ def table_quantizer(table: np.ndarray, bits: int) -> Quantizer:
                      np.arange(1 << bits, dtype=np.float64))
 
 
-def weighted_kmeans(values: np.ndarray, weights: np.ndarray, levels: int) -> np.ndarray:
-    """Per row: `levels` centres minimising sum w (v - nearest centre)^2 (Lloyd's algorithm), [rows, levels].
-    Starts at the weighted quantiles; an empty cluster keeps its centre."""
+def weighted_kmeans(values: np.ndarray, weights: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Per row: the centres [rows, levels], from those given, minimising sum w (v - nearest centre)^2
+    (Lloyd's algorithm); an empty cluster keeps its centre."""
     import torch
 
     v = torch.from_numpy(np.ascontiguousarray(values, np.float32))
-    w = torch.from_numpy(np.ascontiguousarray(weights, np.float32)) + 1e-12
-    order = v.argsort(dim=1)
-    sorted_v, sorted_w = v.gather(1, order), w.gather(1, order)
-    cumulative = sorted_w.cumsum(1)
-    targets = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels * cumulative[:, -1:]
-    positions = torch.searchsorted(cumulative.contiguous(), targets.contiguous()).clamp_max(v.shape[1] - 1)
-    centres = sorted_v.gather(1, positions)
-    rows = v.shape[0]
+    w = torch.from_numpy(np.ascontiguousarray(weights, np.float32))
+    centres = torch.from_numpy(np.ascontiguousarray(centres, np.float32))
+    rows, levels = centres.shape
     offsets = (torch.arange(rows) * levels)[:, None]
     for _ in range(LLOYD_ITERATIONS):
         centres, _ = centres.sort(dim=1)
         midpoints = (centres[:, 1:] + centres[:, :-1]) / 2
-        cluster = torch.searchsorted(midpoints.contiguous(), sorted_v) + offsets
-        mass = torch.zeros(rows * levels).index_add_(0, cluster.ravel(), sorted_w.ravel())
-        moment = torch.zeros(rows * levels).index_add_(0, cluster.ravel(), (sorted_w * sorted_v).ravel())
+        cluster = (torch.searchsorted(midpoints.contiguous(), v) + offsets).ravel()
+        mass = torch.zeros(rows * levels).index_add_(0, cluster, w.ravel())
+        moment = torch.zeros(rows * levels).index_add_(0, cluster, (w * v).ravel())
         updated = torch.where(mass > 0, moment / mass.clamp_min(1e-30), centres.ravel()).view(rows, levels)
         if torch.equal(updated, centres):
             break
