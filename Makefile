@@ -46,7 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/w8a8_vision.py
 	$(BIN)/python benchmarks/skip_layer_norm.py
 	$(BIN)/python benchmarks/lut_matmul.py
-	$(BIN)/python benchmarks/ptnq_accuracy.py
+	$(BIN)/python benchmarks/lut_accuracy.py
 	$(BIN)/python benchmarks/corpus.py --torchvision --formats w8a8,int4 --jobs 2 --timeout 300
 	$(BIN)/python benchmarks/fuzz_ops.py --cases 3000 --seed 0
 

@@ -19,6 +19,23 @@ def median_ms(session, feed: dict, warmup: int = 20, runs: int = 200) -> float:
     return float(np.median(times) * 1e3)
 
 
+def interleaved_ms(sessions: dict, feed: dict, runs: int, warmup: int = 10, rounds: int = 100) -> dict:
+    """Median ms per session over `runs` timed runs, taken in `rounds` blocks that visit the sessions
+    in turn, so that a slow spell on the machine hits them all alike."""
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    rounds = min(rounds, runs)
+    times = {method: [] for method in sessions}
+    for _ in range(rounds):
+        for method, session in sessions.items():
+            for _ in range(runs // rounds):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[method].append(time.perf_counter() - start)
+    return {method: float(np.median(values) * 1e3) for method, values in times.items()}
+
+
 def model_bytes(model_path: str | Path) -> int:
     """The .onnx file plus its external-data file, if any."""
     path = Path(model_path)

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timing import model_bytes
+from timing import interleaved_ms, model_bytes
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 THREADS = 2
@@ -272,7 +272,7 @@ def measure(folder: str, methods: dict[str, dict], agreement: str | None, runs: 
                    agreement=_agreement(agreement, outputs["float"], output),
                    kernels=deployed.summary(), fused_share=round(deployed.fused_share(), 4),
                    artifact_bytes=model_bytes(row["path"]))
-    for method, latency in _interleaved_latency(sessions, feeds[0], runs).items():
+    for method, latency in interleaved_ms(sessions, feeds[0], runs).items():
         next(row for row in rows if row["method"] == method)["latency_ms"] = round(latency, 3)
     return rows
 
@@ -287,23 +287,6 @@ def _agreement(kind: str | None, reference: np.ndarray, quantized: np.ndarray) -
     if kind:
         return round(float(np.mean(reference.argmax(-1) == quantized.argmax(-1))), 4)
     return None
-
-
-def _interleaved_latency(sessions: dict, feed: dict, runs: int, warmup: int = 10, rounds: int = 100) -> dict:
-    """Median ms per session over `runs` timed runs, taken in `rounds` blocks that visit the sessions
-    in turn, so that a slow spell on the machine hits them all alike."""
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(None, feed)
-    rounds = min(rounds, runs)
-    times = {method: [] for method in sessions}
-    for _ in range(rounds):
-        for method, session in sessions.items():
-            for _ in range(runs // rounds):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[method].append(time.perf_counter() - start)
-    return {method: float(np.median(values) * 1e3) for method, values in times.items()}
 
 
 # --- report ---

@@ -138,19 +138,10 @@ def affine_quantizer(rows: np.ndarray, bits: int, block: int | None = None,
                      np.arange(1 << bits, dtype=np.float64))
 
 
-def sketch(rows: np.ndarray, points: int = SKETCH_POINTS, weights: np.ndarray | None = None) -> np.ndarray:
-    """Equally spaced order statistics of each row: [N, points] (a short row repeats some). With
-    `weights` ([N, K] or broadcastable), weighted quantiles: an unweighted fit to the sketch then
-    minimises the weighted squared error."""
-    if weights is None:
-        ordered = np.sort(rows, axis=1)
-        return ordered[:, np.round(np.linspace(0, rows.shape[1] - 1, points)).astype(np.int64)]
-    order = np.argsort(rows, axis=1)
-    ordered = np.take_along_axis(rows, order, axis=1)
-    cumulative = np.cumsum(np.take_along_axis(np.broadcast_to(weights, rows.shape), order, axis=1), axis=1)
-    targets = (np.arange(points) + 0.5) / points * cumulative[:, -1:]
-    positions = np.minimum(np.array([np.searchsorted(c, t) for c, t in zip(cumulative, targets)]), rows.shape[1] - 1)
-    return np.take_along_axis(ordered, positions, axis=1)
+def sketch(rows: np.ndarray, points: int = SKETCH_POINTS) -> np.ndarray:
+    """Equally spaced order statistics of each row: [N, points] (a short row repeats some)."""
+    ordered = np.sort(rows, axis=1)
+    return ordered[:, np.round(np.linspace(0, rows.shape[1] - 1, points)).astype(np.int64)]
 
 
 def fit_function(function: str, bits: int, sketches: np.ndarray, layer_of_row: np.ndarray,

@@ -5,7 +5,7 @@ H = E[x^T x] over calibration inputs (SqueezeLLM, arXiv 2306.07629; GPTQ, arXiv 
 Its uses, for any table quantizer (PTNQ function, affine or free):
 * `gptq_codes` (MatMul/Gemm): codes chosen column by column with GPTQ's error feedback through H^-1;
 * `LayerStatistics.importance` (Conv, whose K x K moments would need every window): its diagonal,
-  per-weight weights of every fit;
+  per-weight weights of the k-means and affine fits;
 * `free_table`: per row (or per block of columns) 2^B free values fitted by weighted k-means
   (Lloyd-Max), stored as float16 (SqueezeLLM's non-uniform tables).
 Refitting a free table to the GPTQ codes under the full H gained 0.1 dB on MiniLM for 18x the time:
@@ -67,7 +67,8 @@ def free_table(rows: np.ndarray, bits: int, block: int | None = None, weights: n
     start = affine_quantizer(rows, bits, block, weights).table  # [N, G, 2^B]
     blocks = start.shape[1]
     values = rows.reshape(n * blocks, k // blocks)
-    weight = (np.ones_like(rows) if weights is None else np.broadcast_to(weights, rows.shape)).reshape(values.shape)
+    weight = np.ones_like(rows) if weights is None else np.broadcast_to(weights, rows.shape).copy()
+    weight = weight.reshape(values.shape)
     table = np.empty((n * blocks, 1 << bits), np.float32)
     for begin in range(0, n * blocks, ROW_CHUNK):
         part = slice(begin, begin + ROW_CHUNK)
