@@ -29,10 +29,11 @@ class QuantConfig:
         values fitted by k-means and stored as float16 (SqueezeLLM); affine and table per output
         channel or per block of `block` columns.
     fit: "output" = fit lookup-table weights to the layer's output error on calibration inputs (GPTQ
-        error feedback when choosing the codes of MatMul/Gemm weights; Conv weights weighted by
-        their input channel's E[x^2]); "weight" = minimise each weight's own error. "output" needs
+        error feedback when choosing the codes of MatMul/Gemm weights; affine and table fits of Conv
+        weights weighted by their input channel's sqrt(E[x_c^2])); "weight" = minimise each weight's
+        own error. "output" needs
         calibration data and falls back to "weight" without it.
-    bits: (lowest, highest) code width for "nl" / "affine" (an int B means (B, B)); with a range, "nl" searches from the
+    bits: (lowest, highest) code width for "nl" / "affine" / "table" (an int B means (B, B)); with a range, "nl" searches from the
         highest down and keeps the lowest width whose output SQNR reaches `target_sqnr`.
     block: affine or table block size along the input dimension (None: per output channel).
     target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
