@@ -117,7 +117,7 @@ def test_config_round_trips_and_rejects_bad_values():
     assert qcompile.QuantConfig.from_json(search.to_json()) == search
     assert qcompile.QuantConfig(weights="affine", bits=3).bits == (3, 3)
     for bad, message in [({"weights": "nl", "bits": (1, 4)}, "bits must be a range within 2..8"),
-                         ({"weights": "nl", "block": 32}, "--block needs affine lookup-table weights"),
+                         ({"weights": "nl", "block": 32}, "--block needs affine or table lookup-table weights"),
                          ({"weights": "nl", "target_sqnr": 30.0}, "--target-sqnr drives the bit-width search"),
                          ({"weights": "affine", "bits": (4, 6)}, "needs --weights nl"),
                          ({"weights": "nl", "functions": ["cosh"]}, "unknown or non-invertible pool functions: cosh"),
