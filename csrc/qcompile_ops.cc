@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -188,17 +189,21 @@ Ort::Status check_layout(const char* op, const Attributes& a, const Input& packe
 // ------------------------------------------------------------------------------------------------
 // Kernels: from here on, every read is within a checked Layout.
 
-// Portable row dequantization: one code at a time from the bit stream, never past the row's end.
-void dequantize_row_scalar(const Layout& l, int64_t row, float* out) {
+// Portable dequantization of codes [first, first + count) of a row into out[0, count), one code at a time from
+// the bit stream, never past the row's end.
+void dequantize_scalar(const Layout& l, int64_t row, int64_t first, int64_t count, float* out) {
   const uint8_t* codes = l.row_codes(row);
   const float* table = l.row_table(row);
   const unsigned mask = (1u << l.bits) - 1;
-  for (int64_t i = 0; i < l.k; ++i) {
-    const int64_t bit = i * l.bits, byte = bit >> 3;
-    unsigned word = codes[byte];
-    if (byte + 1 < l.row_bytes) word |= unsigned(codes[byte + 1]) << 8;
-    const unsigned code = (word >> (bit & 7)) & mask;
-    out[i] = table[(i / l.block) * l.levels + code];
+  for (int64_t i = first, end = first + count; i < end;) {
+    const int64_t b = i / l.block, stop = std::min(end, (b + 1) * l.block);
+    for (; i < stop; ++i) {
+      const int64_t bit = i * l.bits, byte = bit >> 3;
+      unsigned word = codes[byte];
+      if (byte + 1 < l.row_bytes) word |= unsigned(codes[byte + 1]) << 8;
+      const unsigned code = (word >> (bit & 7)) & mask;
+      out[i - first] = table[b * l.levels + code];
+    }
   }
 }
 
@@ -223,7 +228,7 @@ void dequantize_row(const Layout& l, int64_t row, float* out) {
   if (l.simd4())
     dequantize_row_simd4(l, row, out);
   else
-    dequantize_row_scalar(l, row, out);
+    dequantize_scalar(l, row, 0, l.k, out);
 }
 
 // Batch-1 fused kernel: y = <x, W[row]> with W[row] read straight from the codes, four accumulators.
@@ -243,43 +248,42 @@ __attribute__((target("avx512f,avx512bw"))) float dot_row_simd4(const Layout& l,
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-__attribute__((target("avx512f"))) float dot_simd(const float* a, const float* b, int64_t k) {
-  const int64_t body = k - k % 16;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < body; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k % 16)) - 1);
-  acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + body), _mm512_maskz_loadu_ps(tail, b + body), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
-// Y[r, c] = <X[r], W[c]> for r < m, c < rows, Y row stride y_stride. Register tiles of 4 rows of W by 4 rows of X
-// (16 accumulators) share every load; ragged edges go one pair at a time with a masked tail.
-__attribute__((target("avx512f"))) void matmul_rows_simd(const float* w, int64_t rows, const float* x, int64_t m,
-                                                         int64_t k, float* y, int64_t y_stride) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k % 16)) - 1);
-  const int64_t body = k - k % 16;
-  const int64_t rows4 = rows - rows % 4, m4 = m - m % 4;
-  for (int64_t r0 = 0; r0 < m4; r0 += 4)
-    for (int64_t c0 = 0; c0 < rows4; c0 += 4) {
-      __m512 acc[4][4];
-      for (auto& line : acc)
-        for (auto& a : line) a = _mm512_setzero_ps();
-      for (int64_t i = 0; i < k; i += 16) {
-        const __mmask16 lanes = i < body ? __mmask16(0xFFFF) : tail;
-        __m512 wv[4];
-        for (int c = 0; c < 4; ++c) wv[c] = _mm512_maskz_loadu_ps(lanes, w + (c0 + c) * k + i);
-        for (int r = 0; r < 4; ++r) {
-          const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + (r0 + r) * k + i);
-          for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(wv[c], xv, acc[r][c]);
-        }
+// Small batches, 4-bit: the batch-1 kernel's lookups, each shared by kRows rows of X. Four rows of W at a time
+// (a ragged group repeats its last row), so each 16 values of X loaded serve four lookups;
+// y[r * y_stride + w] = <x_r, W[row + w]> for r < kRows, w < rows.
+template <int kRows>
+__attribute__((target("avx512f,avx512bw"))) void dot_rows_simd4(const Layout& l, int64_t row, int64_t rows,
+                                                                const float* x, float* y, int64_t y_stride) {
+  const uint8_t* codes[4];
+  const float* tables[4];
+  for (int w = 0; w < 4; ++w) {
+    codes[w] = l.row_codes(row + std::min<int64_t>(w, rows - 1));
+    tables[w] = l.row_table(row + std::min<int64_t>(w, rows - 1));
+  }
+  __m512 acc[4][kRows];
+  for (auto& line : acc)
+    for (auto& a : line) a = _mm512_setzero_ps();
+  for (int64_t b = 0; b < l.blocks; ++b) {
+    __m512 t[4];
+    for (int w = 0; w < 4; ++w) t[w] = _mm512_loadu_ps(tables[w] + b * 16);
+    for (int64_t i = b * l.block; i < (b + 1) * l.block; i += 16) {
+      __m512 wv[4];
+      for (int w = 0; w < 4; ++w) wv[w] = lookup16(codes[w] + i / 2, t[w]);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 xv = _mm512_loadu_ps(x + r * l.k + i);
+        for (int w = 0; w < 4; ++w) acc[w][r] = _mm512_fmadd_ps(wv[w], xv, acc[w][r]);
       }
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c) y[(r0 + r) * y_stride + c0 + c] = _mm512_reduce_add_ps(acc[r][c]);
     }
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t c = (r < m4 ? rows4 : 0); c < rows; ++c) y[r * y_stride + c] = dot_simd(w + c * k, x + r * k, k);
+  }
+  for (int w = 0; w < rows; ++w)
+    for (int r = 0; r < kRows; ++r) y[r * y_stride + w] = _mm512_reduce_add_ps(acc[w][r]);
 }
 
+using DotRows = void (*)(const Layout&, int64_t, int64_t, const float*, float*, int64_t);
+constexpr DotRows kDotRows[4] = {dot_rows_simd4<1>, dot_rows_simd4<2>, dot_rows_simd4<3>, dot_rows_simd4<4>};
+
+// Portable batched product, for CPUs without AVX-512: Y[r, c] = <X[r], W[c]> for r < m, c < rows, Y row stride
+// y_stride.
 void matmul_rows_scalar(const float* w, int64_t rows, const float* x, int64_t m, int64_t k, float* y,
                         int64_t y_stride) {
   for (int64_t r = 0; r < m; ++r)
@@ -290,15 +294,292 @@ void matmul_rows_scalar(const float* w, int64_t rows, const float* x, int64_t m,
     }
 }
 
-void matmul_rows(const float* w, int64_t rows, const float* x, int64_t m, int64_t k, float* y, int64_t y_stride) {
-  if (kHasAvx512)
-    matmul_rows_simd(w, rows, x, m, k, y, y_stride);
-  else
-    matmul_rows_scalar(w, rows, x, m, k, y, y_stride);
+// ------------------------------------------------------------------------------------------------
+// Batched LutMatMul on AVX-512 (every M > kSmallBatch, and every M with widths other than 4 bits): Y^T = W X^T,
+// BLIS-style, with rows of X in the vector lanes and W broadcast one weight at a time, so that W is never transposed nor, with 4-bit codes,
+// even written out: the microkernel takes each code from the packed row (shift and mask, on the integer units)
+// and broadcasts its table entry straight from memory, beside the FMAs. (A first version that dequantized W
+// into a transposed buffer spent a fifth of the time at M = 64 on the lookups and the transposes.)
+// * X is transposed once per call, by the tasks, into blocks of 1 or 2 vectors (16 rows each, zero-padded past
+//   M), each laid out [K][16 * vectors].
+// * A task takes kNc output channels and a part of the blocks, and runs K in panels of kKc (one block's panel of
+//   X stays in L1; a K up to kMaxKc is one panel; with lookups, a panel holds at most kTableSets whole tables or
+//   lies within one). The microkernel multiplies kChannels channels by one block's panel into 12 or 24 zmm
+//   accumulators, which it adds into the task's [kNc][rows] scratch of Y^T.
+// * At the end of the task, the scratch is transposed into Y.
+// Other widths (and 4-bit blocks not a multiple of 16) dequantize each panel into a [kNc][kMaxKc] buffer first,
+// with the same microkernel broadcasting from it.
+
+constexpr int kChannels = 12;      // per microkernel: 12 x 2 accumulators + 2 vectors of X + 1 broadcast of 32 zmm
+constexpr int kMaxVectors = 2;     // 32 rows of X per microkernel
+constexpr int64_t kNc = 48;        // a multiple of 16 (the final transpose) and of kChannels
+constexpr int64_t kKc = 256;       // a multiple of 16; a block's panel of X (32 KB) stays in L1
+constexpr int64_t kMaxKc = 384;    // a K up to this is one panel: MiniLM's 384, 3% faster than 256 + 128
+constexpr int64_t kTableSets = 4;  // tables per channel a panel may span (blocks of 64 codes or less end it sooner)
+constexpr int64_t kMaxPartBlocks = 4;  // at most 128 rows of X per task: bounds the scratch
+
+// v[r] (row r, lane c) becomes v[c] (row c, lane r): 4 rounds of 16 two-source shuffles.
+__attribute__((target("avx512f"))) inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i+1]: in each 128-bit lane, columns (0, 1) and (2, 3) of rows i, i+1
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)  // v[i + c]: in lane L, column 4L + c of rows i..i+3
+    for (int h = 0; h < 2; ++h) {
+      const __m512d a = _mm512_castps_pd(t[i + h]), b = _mm512_castps_pd(t[i + h + 2]);
+      v[i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      v[i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes across v[c], v[4 + c], v[8 + c], v[12 + c]
+    const __m512 lo01 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x44), hi01 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xEE);
+    const __m512 lo23 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x44),
+                 hi23 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);  // column 4L + c goes to t[4L + c]
+    t[4 + c] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+  for (int c = 0; c < 16; ++c) v[c] = t[c];
 }
+
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>(count >= 16 ? 0xFFFF : count <= 0 ? 0 : (1u << count) - 1);
+}
+
+// Rows [first, first + 16 * vectors) of X (m x k; zero past row m) into out [k][16 * vectors], 64-byte aligned.
+__attribute__((target("avx512f"))) void pack_x_block(const float* x, int64_t m, int64_t k, int64_t first,
+                                                     int64_t vectors, float* out) {
+  const int64_t width = 16 * vectors;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int64_t r0 = first + 16 * v, rows = std::clamp<int64_t>(m - r0, 0, 16);
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 lanes = first_lanes(k - i);
+      __m512 t[16];
+      for (int64_t r = 0; r < 16; ++r)
+        t[r] = r < rows ? _mm512_maskz_loadu_ps(lanes, x + (r0 + r) * k + i) : _mm512_setzero_ps();
+      transpose16(t);
+      for (int64_t c = 0; c < std::min<int64_t>(16, k - i); ++c) _mm512_store_ps(out + (i + c) * width + 16 * v, t[c]);
+    }
+  }
+}
+
+// One microkernel call: kChannels channels by a K panel of one block of X.
+struct Tile {
+  int64_t kc;
+  const float* w;            // lookup: the group's tables, kTableSets * 16 floats a channel; else W, row stride
+                             // kMaxKc
+  const uint8_t* codes;      // lookup: the group's 4-bit codes from the panel's start, row stride codes_stride
+  int64_t codes_stride;
+  int64_t table_chunks;      // lookup: the 16-code chunks each table set covers (kc is a multiple of 16)
+  const float* x;            // the block's panel, [kc][16 * vectors], 64-byte aligned
+  float* y;                  // Y^T [kChannels][16 * vectors], row stride y_stride, 64-byte aligned
+  int64_t y_stride;
+  bool accumulate;           // add to y (K panels after the first)
+};
+
+template <int kVectors, bool kLookup>
+__attribute__((target("avx512f"))) void microkernel(const Tile& t) {
+  __m512 acc[kChannels][kVectors];
+  for (auto& channel : acc)
+    for (auto& a : channel) a = _mm512_setzero_ps();
+  const float* x = t.x;
+  if constexpr (kLookup) {
+    const float* tables = t.w;
+    for (int64_t j = 0, left = t.table_chunks; j < t.kc; j += 16, --left) {
+      if (left == 0) tables += 16, left = t.table_chunks;
+      uint64_t bits[kChannels];  // 16 codes of each channel, lowest first
+      for (int c = 0; c < kChannels; ++c) std::memcpy(&bits[c], t.codes + c * t.codes_stride + j / 2, sizeof(uint64_t));
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i, x += 16 * kVectors) {
+        __m512 xv[kVectors];
+        for (int v = 0; v < kVectors; ++v) xv[v] = _mm512_load_ps(x + 16 * v);
+#pragma GCC unroll 12
+        for (int c = 0; c < kChannels; ++c) {
+          const __m512 wc = _mm512_set1_ps(tables[c * kTableSets * 16 + ((bits[c] >> (4 * i)) & 15)]);
+          for (int v = 0; v < kVectors; ++v) acc[c][v] = _mm512_fmadd_ps(wc, xv[v], acc[c][v]);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < t.kc; ++i, x += 16 * kVectors) {
+      __m512 xv[kVectors];
+      for (int v = 0; v < kVectors; ++v) xv[v] = _mm512_load_ps(x + 16 * v);
+#pragma GCC unroll 12
+      for (int c = 0; c < kChannels; ++c) {
+        const __m512 wc = _mm512_set1_ps(t.w[c * kMaxKc + i]);
+        for (int v = 0; v < kVectors; ++v) acc[c][v] = _mm512_fmadd_ps(wc, xv[v], acc[c][v]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int c = 0; c < kChannels; ++c)
+    for (int v = 0; v < kVectors; ++v) {
+      float* out = t.y + c * t.y_stride + 16 * v;
+      _mm512_store_ps(out, t.accumulate ? _mm512_add_ps(acc[c][v], _mm512_load_ps(out)) : acc[c][v]);
+    }
+}
+
+using Microkernel = void (*)(const Tile&);
+constexpr Microkernel kMicrokernels[2][kMaxVectors] = {{microkernel<1, false>, microkernel<2, false>},
+                                                       {microkernel<1, true>, microkernel<2, true>}};
+
+// scratch [kNc][16 * vectors] (row stride 16 * vectors) holds Y^T for channels n0.. and rows first..; write
+// the channels below width and the rows below m into y (m x n). Y is written a row at a time (16 x kNc floats are
+// transposed through `rows` first): down a column of Y, 16 lines with a stride like 6 or 16 KB share an L1 set,
+// and stores in that order ran 5-8 times slower.
+__attribute__((target("avx512f"))) void store_transposed(const float* scratch, int64_t vectors, int64_t width,
+                                                         int64_t first, int64_t m, int64_t n, int64_t n0, float* y) {
+  const int64_t stride = 16 * vectors;
+  alignas(64) float rows[16][kNc];
+  for (int64_t v = 0; v < vectors; ++v) {
+    for (int64_t c0 = 0; c0 < width; c0 += 16) {
+      __m512 t[16];
+      for (int64_t c = 0; c < 16; ++c) t[c] = _mm512_load_ps(scratch + (c0 + c) * stride + 16 * v);
+      transpose16(t);
+      for (int64_t r = 0; r < 16; ++r) _mm512_store_ps(&rows[r][c0], t[r]);
+    }
+    for (int64_t r = 0, row = first + 16 * v; r < 16 && row < m; ++r, ++row)
+      for (int64_t c0 = 0; c0 < width; c0 += 16)
+        _mm512_mask_storeu_ps(y + row * n + n0 + c0, first_lanes(width - c0), _mm512_load_ps(&rows[r][c0]));
+  }
+}
+
+// Short copies (a table set, a row's codes in a panel): a library call for each cost several percent.
+__attribute__((target("avx512f,avx512bw"))) inline void copy_bytes(const uint8_t* from, int64_t count, uint8_t* to) {
+  for (int64_t i = 0; i < count; i += 64) {
+    const __mmask64 lanes = count - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (count - i)) - 1;
+    _mm512_mask_storeu_epi8(to + i, lanes, _mm512_maskz_loadu_epi8(lanes, from + i));
+  }
+}
+__attribute__((target("avx512f"))) inline void copy_floats(const float* from, int64_t count, float* to) {
+  for (int64_t i = 0; i < count; i += 16) _mm512_mask_storeu_ps(to + i, first_lanes(count - i), _mm512_loadu_ps(from + i));
+}
+
+// `count` near-equal parts of [0, total): part p starts at start(p); no intermediate exceeds total.
+struct Split {
+  int64_t total, count;
+  int64_t start(int64_t p) const { return p * (total / count) + std::min(p, total % count); }
+};
+
+// One product on the batched AVX-512 path: the split into tasks and the transposed X they share. The caller
+// provides the memory (64-byte aligned): packed_x_floats() for X, kTaskFloats per running task. X is transposed by
+// the tasks themselves, each block by the first task to need it, so the product takes one pass over the thread
+// pool, not two (a second dispatch and barrier cost several percent on MiniLM's shapes).
+class PackedMatMul {
+ public:
+  // Fewer channel blocks than this and the rows of X are split over tasks too (each then reads its channels).
+  static constexpr int64_t kMinTasks = 8;
+  static constexpr int64_t kScratchFloats = kNc * 16 * kMaxVectors * kMaxPartBlocks;
+  // The scratch, then the W panel (other widths), or the tables and a ragged last group's codes (4-bit).
+  static constexpr int64_t kTaskFloats =
+      kScratchFloats + std::max(kNc * kMaxKc, kTableSets * kNc * 16 + kChannels * kMaxKc / 8);
+
+  static int64_t packed_x_floats(int64_t m, int64_t k) { return (m + 15) / 16 * 16 * k; }
+
+  PackedMatMul(const Layout& l, const float* x, int64_t m, float* y, float* packed_x)
+      : l_(l), x_(x), y_(y), m_(m), channel_blocks_((l.n + kNc - 1) / kNc), packed_x_(packed_x) {
+    const int64_t vectors = (m + 15) / 16;
+    blocks_ = {vectors, (vectors + kMaxVectors - 1) / kMaxVectors};
+    packing_.reset(new std::atomic<int>[static_cast<size_t>(blocks_.count)]());  // all kIdle
+    const int64_t parts = std::max((blocks_.count + kMaxPartBlocks - 1) / kMaxPartBlocks,
+                                   (kMinTasks + channel_blocks_ - 1) / channel_blocks_);
+    parts_ = {blocks_.count, std::min(parts, blocks_.count)};
+  }
+
+  int64_t tasks() const { return channel_blocks_ * parts_.count; }
+
+  // Y for channels [n0, n0 + kNc) and the rows of one part of the blocks.
+  __attribute__((target("avx512f,avx512bw"))) void run(int64_t task, float* buffer) const {
+    const int64_t n0 = task / parts_.count * kNc, part = task % parts_.count;
+    const int64_t width = std::min(kNc, l_.n - n0);
+    const int64_t b0 = parts_.start(part), b1 = parts_.start(part + 1);
+    const int64_t v0 = blocks_.start(b0), stride = 16 * (blocks_.start(b1) - v0);  // scratch row: the part's rows
+    // The part's blocks of X: transpose those no task has claimed yet, then wait for the others.
+    for (int64_t b = b0; b < b1; ++b)
+      if (int idle = kIdle; packing_[b].compare_exchange_strong(idle, kPacking, std::memory_order_acquire)) {
+        const int64_t first = blocks_.start(b);
+        pack_x_block(x_, m_, l_.k, 16 * first, blocks_.start(b + 1) - first, x_block(b));
+        packing_[b].store(kPacked, std::memory_order_release);
+      }
+    for (int64_t b = b0; b < b1; ++b)
+      while (packing_[b].load(std::memory_order_acquire) != kPacked) _mm_pause();
+    float* scratch = buffer;  // [kNc][stride]
+    float* w = buffer + kScratchFloats;
+    const bool lookup = l_.simd4();
+    // With lookups, the tables are copied into [kNc][kTableSets][16], so the microkernel finds each by a constant
+    // offset, and the codes are read in place, except those of a ragged last group: they are copied, kMaxKc / 2 bytes
+    // a row, beside zero rows for the channels past N (whose tables are zero too).
+    auto* edge_codes = reinterpret_cast<uint8_t*>(w + kTableSets * kNc * 16);
+    const int64_t edge = width / kChannels * kChannels;
+    if (lookup) {
+      std::fill(w, w + kTableSets * kNc * 16, 0.f);
+      std::fill(edge_codes, edge_codes + kChannels * kMaxKc / 2, uint8_t{0});
+    } else {
+      std::fill(w + width * kMaxKc, w + kNc * kMaxKc, 0.f);  // W panel [kNc][kMaxKc]; channels past N stay zero
+    }
+    // A panel with lookups spans whole tables, or lies within one.
+    const int64_t panel = l_.k <= kMaxKc ? l_.k : kKc;
+    const int64_t span =
+        !lookup || l_.block >= panel ? panel : std::min(panel, kTableSets * l_.block) / l_.block * l_.block;
+    for (int64_t k0 = 0, kc = 0; k0 < l_.k; k0 += kc) {
+      kc = std::min(span, l_.k - k0);
+      if (lookup && l_.block > panel) kc = std::min(kc, l_.block - k0 % l_.block);
+      const int64_t first_table = k0 / l_.block, tables = lookup ? (k0 + kc - 1) / l_.block - first_table + 1 : 0;
+      const bool new_tables = k0 % l_.block == 0;
+      // A group's panel (its tables and ragged codes, or its dequantized W) is prepared just before the microkernel
+      // of the group before it, so that the copies overlap that microkernel's FMAs.
+      const auto prepare = [&](int64_t group) {
+        for (int64_t c = group; c < std::min(width, group + kChannels); ++c)
+          if (lookup) {
+            if (new_tables) copy_floats(l_.row_table(n0 + c) + first_table * 16, tables * 16, w + c * kTableSets * 16);
+            if (c >= edge) copy_bytes(l_.row_codes(n0 + c) + k0 / 2, kc / 2, edge_codes + (c - edge) * kMaxKc / 2);
+            // The next panel's codes and tables, to cache while this one computes: otherwise they come from memory
+            // (or L3) a row at a time, as the microkernel and the copies reach them.
+            const int64_t next = k0 + kc, ahead = std::min(span, l_.k - next);
+            for (int64_t i = 0; i < ahead / 2; i += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(l_.row_codes(n0 + c) + next / 2) + i, _MM_HINT_T0);
+            for (int64_t b = next / l_.block; ahead > 0 && b <= (next + ahead - 1) / l_.block; ++b)
+              _mm_prefetch(reinterpret_cast<const char*>(l_.row_table(n0 + c) + b * 16), _MM_HINT_T0);
+          } else {
+            dequantize_scalar(l_, n0 + c, k0, kc, w + c * kMaxKc);
+          }
+      };
+      prepare(0);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t first = blocks_.start(b), vectors = blocks_.start(b + 1) - first;
+        for (int64_t c = 0; c < width; c += kChannels) {
+          if (b == b0) prepare(c + kChannels);
+          const bool whole = c < edge;
+          kMicrokernels[lookup][vectors - 1](Tile{
+              kc, w + c * (lookup ? kTableSets * 16 : kMaxKc), whole ? l_.row_codes(n0 + c) + k0 / 2 : edge_codes,
+              whole ? l_.row_bytes : kMaxKc / 2, std::min(kc, l_.block) / 16, x_block(b) + 16 * vectors * k0,
+              scratch + c * stride + 16 * (first - v0), stride, k0 > 0});
+        }
+      }
+    }
+    store_transposed(scratch, stride / 16, width, 16 * v0, m_, l_.n, n0, y_);
+  }
+
+ private:
+  float* x_block(int64_t b) const { return packed_x_ + 16 * blocks_.start(b) * l_.k; }
+
+  const Layout& l_;
+  const float* x_;
+  float* y_;
+  int64_t m_, channel_blocks_;
+  float* packed_x_;
+  static constexpr int kIdle = 0, kPacking = 1, kPacked = 2;
+  std::unique_ptr<std::atomic<int>[]> packing_;  // per block of X
+  Split blocks_;  // X's vectors (16 rows each) into blocks of at most kMaxVectors, each packed [k][16 * vectors]
+  Split parts_;   // blocks into parts; a task is one block of kNc channels by one part
+};
 
 // Rows are split into tasks of a few rows each and run on ONNX Runtime's intra-op thread pool.
 constexpr int64_t kRowsPerTask = 16;
+// Up to this many rows of X (one vector of the batched path), 4-bit products take dot_rows_simd4, with lanes along
+// K: faster there, as each code feeds 4 to 16 FMAs instead of one (2.2 ms against 3.0 at M = 16, 4096 x 4096).
+constexpr int64_t kSmallBatch = 16;
 
 // Tasks run on ONNX Runtime's threads: an exception (std::bad_alloc) must not leave them. The first one's
 // message is kept, and Compute reports it once every task has finished.
@@ -382,13 +663,15 @@ struct LutMatMul : LutKernel<LutMatMul> {
     float* y = nullptr;
     if (auto status = allocate_output(kName, context, shape, &y); !status.IsOK()) return status;
     if (m == 0 || l.n == 0) return Ort::Status{nullptr};
+    const auto* x = static_cast<const float*>(in[0].data);
+    if (kHasAvx512 && !(m <= kSmallBatch && l.simd4())) return matmul_packed(context, l, x, m, y);
     struct Job {
       const Layout* l;
       const float* x;
       float* y;
       int64_t m;
       TaskErrors errors;
-    } job{&l, static_cast<const float*>(in[0].data), y, m, {}};
+    } job{&l, x, y, m, {}};
     const size_t tasks = static_cast<size_t>((l.n + kRowsPerTask - 1) / kRowsPerTask);
     context.ParallelFor(
         [](void* data, size_t task) {
@@ -399,15 +682,60 @@ struct LutMatMul : LutKernel<LutMatMul> {
             for (int64_t row = first; row < end; ++row) j->y[row] = dot_row_simd4(l, row, j->x);
             return;
           }
+          if (l.simd4()) {  // a small batch (kSmallBatch rows at most): X in groups of up to 4 rows
+            for (int64_t r = 0; r < j->m; r += 4)
+              for (int64_t row = first; row < end; row += 4)
+                kDotRows[std::min<int64_t>(4, j->m - r) - 1](l, row, std::min<int64_t>(4, end - row), j->x + r * l.k,
+                                                             j->y + r * l.n + row, l.n);
+            return;
+          }
           j->errors.run([&] {
             std::vector<float> w(static_cast<size_t>((end - first) * l.k));
             for (int64_t row = first; row < end; ++row) dequantize_row(l, row, w.data() + (row - first) * l.k);
-            matmul_rows(w.data(), end - first, j->x, j->m, l.k, j->y + first, l.n);
+            matmul_rows_scalar(w.data(), end - first, j->x, j->m, l.k, j->y + first, l.n);
           });
         },
         tasks, 0, &job);
     if (job.errors.failed) return error(kName, job.errors.message);
     return Ort::Status{nullptr};
+  }
+
+  // The AVX-512 batched path. Memory comes from ONNX Runtime's CPU allocator (its arena, by default), which keeps
+  // it between runs: freed to the system and faulted in again on every run, it cost a tenth of the time on MiniLM's
+  // shapes.
+  static Ort::Status matmul_packed(const Ort::KernelContext& context, const Layout& l, const float* x, int64_t m,
+                                   float* y) {
+    const auto cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    const std::unique_ptr<OrtAllocator, void (*)(OrtAllocator*)> allocator(
+        context.GetAllocator(*cpu), [](OrtAllocator* a) { Ort::GetApi().ReleaseAllocator(a); });
+    Ort::UnownedAllocator arena(allocator.get());
+    Ort::MemoryAllocation packed_x = allocate(arena, PackedMatMul::packed_x_floats(m, l.k));
+    struct Job {
+      Ort::UnownedAllocator& arena;
+      PackedMatMul product;
+      TaskErrors errors;
+    } job{arena, PackedMatMul(l, x, m, y, aligned(packed_x)), {}};
+    context.ParallelFor(
+        [](void* data, size_t task) {
+          auto* j = static_cast<Job*>(data);
+          j->errors.run([&] {
+            Ort::MemoryAllocation buffer = allocate(j->arena, PackedMatMul::kTaskFloats);
+            j->product.run(task, aligned(buffer));
+          });
+        },
+        static_cast<size_t>(job.product.tasks()), 0, &job);
+    if (job.errors.failed) return error(kName, job.errors.message);
+    return Ort::Status{nullptr};
+  }
+
+  // floats, plus room to align them to 64 bytes.
+  static Ort::MemoryAllocation allocate(Ort::UnownedAllocator& allocator, int64_t floats) {
+    Ort::MemoryAllocation memory = allocator.GetAllocation(static_cast<size_t>(floats) * sizeof(float) + 64);
+    if (memory.get() == nullptr) throw std::bad_alloc();
+    return memory;
+  }
+  static float* aligned(Ort::MemoryAllocation& memory) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(memory.get()) + 63) & ~uintptr_t{63});
   }
 };
 

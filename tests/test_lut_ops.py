@@ -100,6 +100,40 @@ def test_library_and_fallback_agree_on_a_large_gemv():
     np.testing.assert_allclose(fast, x @ reference_weight(codes, table).T, rtol=1e-4, atol=1e-4)
 
 
+# Batched shapes (n, k, bits, blocks) for LutMatMul with M > 1. 4-bit with blocks a multiple of 16 takes the lookup
+# kernels (dot_rows_simd4 up to 16 rows, the batched microkernel beyond: blocks of 32 to 256 codes put several tables
+# in one K panel, blocks of 384 end panels early); other widths and blocks dequantize each panel first. N = 37, 50
+# and 30 leave a ragged group of channels, M = 5, 17, 33 and 130 a ragged vector of rows.
+BATCHED_SHAPES = [(37, 96, 4, 1), (37, 96, 4, 3), (96, 4096, 4, 1), (96, 4096, 4, 32), (50, 512, 4, 16),
+                  (30, 768, 4, 2), (40, 384, 4, 3), (37, 100, 4, 5), (37, 100, 3, 1), (96, 4096, 5, 32),
+                  (20, 48, 8, 3)]
+
+
+@pytest.mark.parametrize("n,k,bits,blocks", BATCHED_SHAPES)
+def test_library_matches_numpy_on_batches(n, k, bits, blocks):
+    rng = np.random.default_rng(n + k + bits + blocks)
+    codes, table = random_weights(rng, n, k, bits, blocks)
+    weight = reference_weight(codes, table).astype(np.float64)
+    model = lut_model(packing.pack_codes(codes, bits), table, bits, k, ["batch", k])
+    session = make_session(model, threads=2, use_library=True)
+    for m in [2, 5, 16, 17, 33, 64, 130]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = session.run(["Y"], {"X": x})[0]
+        assert y.shape == (m, n)
+        np.testing.assert_allclose(y, x.astype(np.float64) @ weight.T, rtol=1e-5, atol=1e-5 * np.sqrt(k),
+                                   err_msg=f"m = {m}")
+
+
+def test_library_batches_keep_leading_dimensions():
+    rng = np.random.default_rng(7)
+    codes, table = random_weights(rng, 40, 64, 4, 2)
+    model = lut_model(packing.pack_codes(codes, 4), table, 4, 64, ["batch", "seq", 64])
+    x = rng.standard_normal((3, 11, 64)).astype(np.float32)
+    y = make_session(model, threads=2, use_library=True).run(["Y"], {"X": x})[0]
+    assert y.shape == (3, 11, 40)
+    np.testing.assert_allclose(y, x @ reference_weight(codes, table).T, rtol=1e-5, atol=1e-4)
+
+
 def run_library(model, x):
     return make_session(model, use_library=True).run(None, {"X": x})
 
