@@ -30,6 +30,7 @@ MODEL_FILE, MANIFEST_FILE, REPORT_FILE = "model.onnx", "manifest.json", "report.
 EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 512 << 20  # bytes of serialized model above which weights go to a side file
 MARKER = "qcompile_version"  # the manifest key that makes a directory a qcompile artifact
+CHECK_ATTEMPTS = 5  # looks at an output folder that concurrent writers keep replacing
 
 
 def check_output(directory: str | Path, force: bool, inputs=()) -> Path:
@@ -43,18 +44,38 @@ def check_output(directory: str | Path, force: bool, inputs=()) -> Path:
         if resolved == path or resolved in path.parents:
             what = "the current directory" if path == protected[0] else f"input {path}"
             raise QCompileError(f"{target}: refusing to write over {what}; choose a new output directory")
-    if not target.exists() and not target.is_symlink():
-        return target
-    if not target.is_dir() or target.is_symlink():
-        raise QCompileError(f"{target}: exists and is not a directory; choose a new output directory")
-    if not any(target.iterdir()):
-        return target
-    if not force:
-        raise QCompileError(f"{target}: output directory exists (use --force to replace it)")
-    if not _is_output(target):
-        raise QCompileError(f"{target}: not a previous qcompile output (no qcompile {MANIFEST_FILE}); "
-                            "--force replaces only those")
+    # A concurrent writer may move the folder away while it is examined: a verdict counts only if the
+    # folder examined is still the one there; otherwise look again.
+    for _ in range(CHECK_ATTEMPTS):
+        try:
+            examined = target.lstat().st_ino
+        except (FileNotFoundError, NotADirectoryError):  # absent, or under a file: mkdir says which
+            return target
+        problem = _output_problem(target, force)
+        try:
+            if problem is None or target.lstat().st_ino == examined:
+                break
+        except FileNotFoundError:
+            continue
+    if problem is not None:
+        raise QCompileError(problem)
     return target
+
+
+def _output_problem(target: Path, force: bool) -> str | None:
+    """Why an existing `target` may not be written, or None."""
+    if not target.is_dir() or target.is_symlink():
+        return f"{target}: exists and is not a directory; choose a new output directory"
+    try:
+        if not any(target.iterdir()):
+            return None
+    except FileNotFoundError:
+        return f"{target}: vanished while it was checked"
+    if not force:
+        return f"{target}: output directory exists (use --force to replace it)"
+    if not _is_output(target):
+        return f"{target}: not a previous qcompile output (no qcompile {MANIFEST_FILE}); --force replaces only those"
+    return None
 
 
 def _is_output(directory: Path) -> bool:
