@@ -5,7 +5,7 @@ standard-op fallback functions; then MiniLM's three MatMul shapes at 64 tokens, 
 on the library.
 
 The weight is Laplacian (what trained weights look like); latency is the median of many runs with
-2 intra-op threads (--threads), the sessions of one shape and batch timed in turns (turns_ms), so
+2 intra-op threads (--threads), the sessions of one shape and batch timed in turns (timing.interleaved_ms), so
 that a slow spell on the machine hits them alike; "x float" is a library's latency over float's at
 the same batch, from the same turns. Bytes are the serialized model. The memory-bandwidth floor is
 the nl4 model's bytes over a read bandwidth measured here in the same run. An 8.4 MB nl4 weight
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from timing import median_ms, model_bytes
+from timing import interleaved_ms, median_ms, model_bytes
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 THREADS = 2  # --threads
@@ -48,24 +48,6 @@ def float_model(k: int, n: int, copies: int = 1) -> onnx.ModelProto:
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", n]) for i in range(copies)],
                               weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-
-
-def turns_ms(sessions: dict, feed: dict, runs: int, rounds: int = 10) -> dict:
-    """Median ms per session over `runs` timed runs, taken in `rounds` turns over the sessions, so that a slow
-    spell on the machine hits them all alike. Each turn starts with a pause and an untimed run: after a run,
-    ONNX Runtime's idle intra-op threads spin for milliseconds, and a session timed while another session's
-    threads spin has lost a core (timing.interleaved_ms, which switches sessions every run, read float at
-    batch 16 three times slower)."""
-    times = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            time.sleep(0.05)
-            session.run(None, feed)
-            for _ in range(max(1, runs // rounds)):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values) * 1e3) for name, values in times.items()}
 
 
 def nl4_config():
@@ -100,7 +82,7 @@ def minilm_shapes(threads: int) -> list[dict]:
                     "library": make_session(qcompile.compile(model, nl4_config()).model, threads=threads,
                                             use_library=True)}
         x = np.random.default_rng(3).standard_normal((MINILM_TOKENS, k)).astype(np.float32)
-        ms = turns_ms(sessions, {"x": x}, MINILM_RUNS)
+        ms = interleaved_ms(sessions, {"x": x}, MINILM_RUNS, rounds=10)
         rows.append({"k": k, "n": n, "m": MINILM_TOKENS, "ms_float": round(ms["float"], 4),
                      "ms_library": round(ms["library"], 4), "library_x_float": round(ms["library"] / ms["float"], 3)})
     return rows
@@ -162,7 +144,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     x = {m: rng.standard_normal((m, k)).astype(np.float32) for m in RUNS}
     reference = sessions["float"].run(None, {"x": x[1]})[0]
-    latency = {m: turns_ms(sessions, {"x": x[m]}, runs) for m, runs in RUNS.items()}
+    latency = {m: interleaved_ms(sessions, {"x": x[m]}, runs, rounds=10) for m, runs in RUNS.items()}
     rows = []
     for name, session in sessions.items():
         row = {"method": name, "bytes": sizes[name], "x_float_bytes": round(sizes[name] / sizes["float"], 4)}

@@ -20,8 +20,11 @@ def median_ms(session, feed: dict, warmup: int = 20, runs: int = 200) -> float:
 
 
 def interleaved_ms(sessions: dict, feed: dict, runs: int, warmup: int = 10, rounds: int = 100) -> dict:
-    """Median ms per session over `runs` timed runs, taken in `rounds` blocks that visit the sessions
-    in turn, so that a slow spell on the machine hits them all alike."""
+    """Median ms per session over `runs` timed runs, taken in `rounds` turns that visit the sessions in
+    order, so that a slow spell on the machine hits them all alike. Each turn starts with a pause and an
+    untimed run: after a run, ONNX Runtime's idle intra-op threads spin for milliseconds, and a session
+    timed while another session's threads spin has lost a core (switching sessions without the pause
+    read float at batch 16 three times slower)."""
     for session in sessions.values():
         for _ in range(warmup):
             session.run(None, feed)
@@ -29,6 +32,8 @@ def interleaved_ms(sessions: dict, feed: dict, runs: int, warmup: int = 10, roun
     times = {method: [] for method in sessions}
     for _ in range(rounds):
         for method, session in sessions.items():
+            time.sleep(0.05)
+            session.run(None, feed)
             for _ in range(runs // rounds):
                 start = time.perf_counter()
                 session.run(None, feed)
