@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 
 from .config import ACTIVATION_FORMATS, CALIBRATION_METHODS, EXECUTOR_NAMES, FITS, SELECTIONS, QuantConfig
-from .errors import InternalError, QCompileError, first_line
+from .errors import BelowFloorError, InternalError, QCompileError, first_line
 
 # Where more than this share of the linear compute stays float, the summary says so loudly.
 FLOAT_SHARE_WARNING = 0.25
@@ -24,7 +25,7 @@ def cli(settings: dict, debug: bool) -> None:
     """Ahead-of-time quantization compiler for ONNX models.
 
     Exit codes: 0 done, 2 a problem with the input (one line), 3 an internal error (one line;
-    --debug prints the traceback).
+    --debug prints the traceback), 4 compile --strict and the output SQNR below the floor.
     """
     settings["debug"] = debug
 
@@ -43,7 +44,12 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--block", type=int, help="Affine or free lookup tables: one table per block of this many inputs.")
 @click.option("--fit", type=click.Choice(FITS), default="output", show_default=True,
               help="Fit lookup-table weights to each layer's output error on --calib data, or to the weights alone.")
-@click.option("--target-sqnr", type=float, help="Bit-width search: keep the lowest width reaching this output SQNR (dB).")
+@click.option("--target-sqnr", type=float,
+              help="Output SQNR (dB) to reach. W8A8: node groups stay float until it holds (default 20; 0: none float). "
+                   "--weights nl --bits LOW-HIGH: the lowest width reaching it.")
+@click.option("--sqnr-floor", type=float, default=10.0, show_default=True,
+              help="Warn (with --strict: exit 4, nothing written) when the held-out output SQNR falls below this.")
+@click.option("--strict", is_flag=True, help="An output below --sqnr-floor is an error (exit 4), not a warning.")
 @click.option("--functions", help="Comma-separated PTNQ pool functions to search (default: the whole pool).")
 @click.option("--lut-ops", help="Comma-separated ops whose weights become lookup tables "
                                   "(default: MatMul,Gemm,Conv,Gather; Gather = embedding tables).")
@@ -61,11 +67,12 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--no-residual", is_flag=True, help="Keep Adds of two activations (residual Adds) in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
-def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, functions, lut_ops, function_depth,
-            select, executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
+def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, sqnr_floor, strict, functions, lut_ops,
+            function_depth, select, executor, workers, acts, calib_method, percentile, no_attention, no_residual, force,
+            explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .artifact import check_output
-    from .compiler import compile as compile_model
+    from .compiler import QCompileWarning, compile as compile_model
 
     check_output(output, force, inputs=(model, calib, verify_data))  # fail before the slow part
     weights, bit_range = _weight_format(weights, bits, block, acts)
@@ -74,8 +81,10 @@ def compile(model, calib, verify_data, output, weights, bits, block, fit, target
                          block=block, target_sqnr=target_sqnr, function_depth=function_depth,
                          functions=tuple(functions.split(",")) if functions else None, select=select,
                          **({"lut_ops": tuple(lut_ops.split(","))} if lut_ops else {}),
-                         executor=executor, workers=workers, fit=fit)
-    artifact = compile_model(model, config, calib=calib, verify_data=verify_data)
+                         executor=executor, workers=workers, fit=fit, sqnr_floor=sqnr_floor, strict=strict)
+    with warnings.catch_warnings():  # the summary prints them
+        warnings.simplefilter("ignore", QCompileWarning)
+        artifact = compile_model(model, config, calib=calib, verify_data=verify_data)
     artifact.save(output, force=force)
     if explain:
         for note in artifact.manifest["explain"]:
@@ -216,6 +225,18 @@ def _print_summary(manifest: dict, output: Path) -> None:
         sqnr = "" if lut_weights["sqnr_db"] is None else f"; output SQNR on calibration data {lut_weights['sqnr_db']:.2f} dB"
         click.echo(f"  {len(lut_weights['layers'])} weights as packed {lut_weights['bits']}-bit lookup tables "
                    f"({', '.join(used)}), fitted to {lut_weights['fit']}{sqnr}")
+    search = manifest["float_search"]
+    if search and search["floated"]:
+        click.echo(f"kept {len(search['floated'])} node groups float to reach --target-sqnr {search['target_db']:g} "
+                   f"(output SQNR on calibration data {search['full_db']:.1f} dB with all integer, {search['sqnr_db']:.1f} "
+                   "dB now); report.html ranks every group:")
+        ranked = {group["node"]: group for group in manifest["sensitivity"]}
+        for node in list(search["floated"])[:SHOWN_UNFUSED]:
+            group = ranked[node]
+            click.echo(f"  float: {node} ({group['op_type']}): {group['float_alone_db']} dB with only it float; "
+                       f"costs {group['cost_us']:g} us per run")
+        if len(search["floated"]) > SHOWN_UNFUSED:
+            click.echo(f"  ... and {len(search['floated']) - SHOWN_UNFUSED} more")
     coverage = manifest["coverage"]
     if coverage["kept_float"]:
         share = coverage["kept_float"] / coverage["linear_ops"]
@@ -237,6 +258,8 @@ def _print_summary(manifest: dict, output: Path) -> None:
         click.echo(f"  {'output':<24} {'SQNR (dB)':>10} {'mean cosine':>12}")
         for name, values in verification["outputs"].items():
             click.echo(f"  {name:<24} {values['sqnr_db']:>10} {values['cosine']:>12}")
+    for message in manifest["warnings"]:
+        click.echo(f"WARNING: {message}", err=True)
 
 
 def main() -> None:
@@ -249,6 +272,9 @@ def main() -> None:
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
+    except BelowFloorError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(4)
     except QCompileError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

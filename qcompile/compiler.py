@@ -1,6 +1,7 @@
 """compile(): a float model in, an Artifact out, through the phases of qcompile.phases in order."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
@@ -10,8 +11,8 @@ from .artifact import Artifact
 from .config import QuantConfig
 from .errors import InternalError, QCompileError
 
-PHASES = (phases.load, phases.normalize, phases.plan, phases.calibrate, phases.search, phases.rewrite,
-          phases.verify, phases.describe)
+PHASES = (phases.load, phases.normalize, phases.plan, phases.calibrate, phases.keep_float, phases.search,
+          phases.rewrite, phases.verify, phases.check_floor, phases.describe)
 
 
 def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = None, calib=None,
@@ -22,7 +23,9 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
     calib: calibration data (see qcompile.data); required when activations are quantized.
     verify_data: held-out samples for verification; default: the last `config.verify_fraction`
         of the calibration samples (which then are not used for calibration).
-    Raises QCompileError for bad input, InternalError (naming the phase or pass) for a bug of ours.
+    Raises QCompileError for bad input (BelowFloorError: config.strict and the output below the floor),
+    InternalError (naming the phase or pass) for a bug of ours. Warnings (an output below the floor)
+    are in `artifact.manifest["warnings"]` and issued with warnings.warn.
     """
     state = phases.CompileState(model, config or QuantConfig(), calib, verify_data, example_inputs)
     for phase in PHASES:
@@ -32,4 +35,10 @@ def compile(model: str | Path | onnx.ModelProto, config: QuantConfig | None = No
             raise
         except Exception as error:
             raise InternalError(f"phase {phase.__name__}", error) from error
+    for message in state.warnings:
+        warnings.warn(message, QCompileWarning, stacklevel=2)
     return state.artifact
+
+
+class QCompileWarning(UserWarning):
+    """A compile that finished but whose result needs the user's attention (an output below the floor)."""

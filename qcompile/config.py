@@ -16,6 +16,9 @@ LUT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 EXECUTOR_NAMES = ("local", "serial", "ray")
 ACTIVATION_FORMATS = ("int8", "none")
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
+# W8A8 without --target-sqnr: the output SQNR (dB) below which node groups are kept float. 20 dB is a
+# mean cosine of about 0.995 against the float model.
+W8A8_TARGET_SQNR = 20.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class QuantConfig:
     bits: (lowest, highest) code width for "nl" / "affine" / "table" (an int B means (B, B)); with a range, "nl" searches from the
         highest down and keeps the lowest width whose output SQNR reaches `target_sqnr`.
     block: affine or table block size along the input dimension (None: per output channel).
-    target_sqnr: output SQNR (dB, on calibration data) the bit-width search must reach.
+    target_sqnr: output SQNR (dB) to reach. W8A8: the fewest, cheapest node groups stay float until it
+        holds on calibration and held-out samples (default W8A8_TARGET_SQNR; 0 keeps every group
+        integer). nl with a bit range: the bit-width search's target, on calibration data.
     function_depth: PTNQ pool depth: 0 = the primitives, 1 = also their compositions f(g(x)).
     functions: search only these pool functions (names as in qcompile.lut.functions; None: the whole pool).
     lut_ops: which ops' weights become lookup tables (Gather: embedding tables).
@@ -54,6 +59,8 @@ class QuantConfig:
     calib_batch_size: samples concatenated per ONNX Runtime call when the batch axis is dynamic.
     verify_fraction: share of calibration samples held out for verification when no separate
         verification data is given.
+    sqnr_floor: a deployed output SQNR (dB, held-out samples) below this ends the compile with a
+        warning naming the worst layers and a fix; with `strict`, an error and nothing written.
     """
 
     weights: str = "int8"
@@ -74,6 +81,8 @@ class QuantConfig:
     executor: str = "local"
     workers: int | None = None
     fit: str = "output"
+    sqnr_floor: float = 10.0
+    strict: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("weights", self.weights, WEIGHT_FORMATS)
@@ -89,8 +98,10 @@ class QuantConfig:
         low, high = self.bits
         if low not in LUT_BITS or high not in LUT_BITS or low > high:
             raise QCompileError(f"bits must be a range within 2..8 (like 4 or 4-8), got {low}-{high}")
-        if self.target_sqnr is not None and (self.weights != "nl" or low == high):
-            raise QCompileError("--target-sqnr drives the bit-width search: it needs --weights nl and --bits LOW-HIGH")
+        w8a8 = self.acts == "int8" and not self.lut_weights
+        if self.target_sqnr is not None and not (w8a8 or (self.weights == "nl" and low < high)):
+            raise QCompileError("--target-sqnr needs --acts int8 with int8/int4/none weights (node groups kept float until "
+                                "it holds) or --weights nl --bits LOW-HIGH (the bit-width search)")
         if self.weights in ("affine", "table") and low != high:
             raise QCompileError(f"a bit-width search (--bits LOW-HIGH) needs --weights nl, not {self.weights}")
         if self.block is not None and (self.weights not in ("affine", "table") or self.block < 1):

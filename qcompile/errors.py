@@ -1,4 +1,5 @@
-"""Two kinds of failure, told apart by exit code: the user's input (2) and a bug of ours (3)."""
+"""Failures, told apart by exit code: the user's input (2), a bug of ours (3), an output below the
+accuracy floor under --strict (4)."""
 
 
 def first_line(error: BaseException) -> str:
@@ -9,6 +10,10 @@ def first_line(error: BaseException) -> str:
 
 class QCompileError(Exception):
     """Bad input: the CLI prints it as one line and exits with code 2, never a traceback."""
+
+
+class BelowFloorError(QCompileError):
+    """--strict and the deployed output SQNR fell below the floor: exit code 4, nothing written."""
 
 
 class InternalError(Exception):

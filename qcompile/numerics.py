@@ -212,3 +212,8 @@ def decibels(signal: float, noise: float) -> float:
     if noise == 0:
         return float("inf")
     return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def json_number(value: float) -> float | str:
+    """Fixed precision keeps manifests byte-stable; JSON has no infinity."""
+    return round(float(value), 4) if np.isfinite(value) else str(value)

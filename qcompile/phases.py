@@ -1,6 +1,6 @@
 """The phases of compile(), in order. Each reads and writes one CompileState and nothing else.
 
-load -> normalize -> plan -> calibrate -> search -> rewrite -> verify -> describe
+load -> normalize -> plan -> calibrate -> keep_float -> search -> rewrite -> verify -> check_floor -> describe
 
 A new phase is a function `phase(state) -> None` added to compiler.PHASES; what it needs from the
 ones before it lives on the state, documented below.
@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, calibration, intake, report
+from . import __version__, calibration, intake, report, sensitivity
 from .artifact import Artifact
-from .config import QuantConfig
+from .config import W8A8_TARGET_SQNR, QuantConfig
 from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_holdout
 from .deployed import DeployedKernels, deployed_session
-from .errors import QCompileError, first_line
+from .errors import BelowFloorError, QCompileError, first_line
 from .graph import load_model
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search, tables as lut_tables
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, FuseHardSwish, InsertLutWeights,
@@ -57,6 +57,10 @@ class CompileState:
     context: CompileContext | None = None
     reference: onnx.ModelProto | None = None  # the float model as the planner saw it: the calibration target
     records: list[PassRecord] = field(default_factory=list)
+    # calibrate, keep_float
+    histograms: dict = field(default_factory=dict)  # activation tensor -> StreamingHistogram
+    sensitivity: list = field(default_factory=list)  # of sensitivity.GroupSensitivity, where measured
+    float_search: sensitivity.FloatSearch | None = None
     # search
     lut_summary: dict | None = None
     lut_nodes: set = field(default_factory=set)
@@ -64,6 +68,7 @@ class CompileState:
     # verify, describe
     deployed: DeployedKernels | None = None
     verification: dict | None = None
+    warnings: list[str] = field(default_factory=list)
     artifact: Artifact | None = None
 
 
@@ -114,7 +119,7 @@ def plan(state: CompileState) -> None:
 def calibrate(state: CompileState) -> None:
     """Activation ranges from one streaming pass over the calibration data; weight scales per channel."""
     config, plan_ = state.config, state.context.plan
-    histograms = {}
+    histograms = state.histograms
     # Keeping a group float can leave a tensor that took another's scale (a Reshape output) needing
     # its own range: a second pass collects it. One pass in the usual case.
     while pending := [s.tensor for s in _calibrated_specs(plan_) if s.tensor not in histograms]:
@@ -124,13 +129,12 @@ def calibrate(state: CompileState) -> None:
         nonfinite = [name for name in pending if histograms[name].nonfinite]
         if nonfinite:  # no integer grid holds +-inf or NaN: quantizing would corrupt it
             plan_.keep_float(nonfinite, "an input takes +-inf or NaN on calibration data (a mask?)")
-    histograms = {name: h for name, h in histograms.items() if name in plan_.specs}
-    unseen = [name for name, histogram in histograms.items() if not histogram.counts.any()]
+    unseen = [name for name, histogram in histograms.items() if name in plan_.specs and not histogram.counts.any()]
     if unseen:
         raise QCompileError(f"no finite calibration value reached {len(unseen)} activations ({', '.join(unseen[:3])}): "
                             "are the samples empty?")
     constants = {name: t.values for name, t in state.context.graph.tensors().items() if isinstance(t, gs.Constant)}
-    weight_specs = plan_.of_kind("weight")
+    weight_specs = [spec for spec in plan_.of_kind("weight") if spec.tensor not in plan_.params]
     # Weights are independent and NumPy releases the GIL: solve them on all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         solved = pool.map(lambda spec: calibration.weight_params(constants[spec.tensor], spec.axis, spec.grid,
@@ -150,6 +154,41 @@ def calibrate(state: CompileState) -> None:
             constants[spec.tensor], plan_.params[source], plan_.params[weight])
 
 
+def keep_float(state: CompileState) -> None:
+    """W8A8: keep float the fewest, cheapest node groups that bring the output SQNR to the target
+    (config.target_sqnr, else W8A8_TARGET_SQNR) on the calibration probe and the held-out samples."""
+    config, plan_ = state.config, state.context.plan
+    if config.acts == "none" or config.lut_weights or not plan_.integer:
+        return
+    target = config.target_sqnr if config.target_sqnr is not None else W8A8_TARGET_SQNR
+    probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
+    held_out = (sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, iter(state.verify_feeds)))
+                if state.verify_feeds else None)
+    full = probe(plan_.integer)
+    if full >= target and (held_out is None or held_out(plan_.integer) >= target):
+        state.float_search = sensitivity.FloatSearch(target, full, sqnr_db=full)
+        return
+    feed = next(iter(batched(itertools.islice(_reiterable(state), 1), state.inputs, 1)))
+    costs = sensitivity.latency_costs(state.reference, _deployed_model(state), plan_, feed)
+    state.sensitivity = sensitivity.sensitivity(probe, costs, config.executor, config.workers)
+    state.float_search = sensitivity.keep_float(probe, state.sensitivity, target, held_out)
+    plan_.floated.update(state.float_search.floated)
+    plan_.resolve()
+    calibrate(state)  # a tensor that took a now-float neighbour's scale needs its own range
+
+
+def _probe_feeds(state: CompileState, feeds) -> list[dict]:
+    return list(batched(itertools.islice(feeds, PROBE_SAMPLES), state.inputs, state.config.calib_batch_size))
+
+
+def _deployed_model(state: CompileState) -> onnx.ModelProto:
+    """The model as `rewrite` would write it for the current plan, rewritten on a copy."""
+    context = CompileContext.from_model(state.context.model, state.config)
+    context.plan = state.context.plan
+    Pipeline([InsertQDQ(), DequantizeAfterGather(), SumBeforeLayerNorm()]).run(context)
+    return context.model
+
+
 def search(state: CompileState) -> None:
     """Fit and choose every lookup-table weight quantizer (context.lut), for lookup-table formats."""
     if not state.config.lut_weights:
@@ -158,8 +197,8 @@ def search(state: CompileState) -> None:
     weights = find_lut_weights(context.graph, config.lut_ops)
     probe = None
     if state.calib is not None:
-        feeds = list(batched(itertools.islice(_reiterable(state), PROBE_SAMPLES), state.inputs, config.calib_batch_size))
-        probe = lut_search.SqnrProbe(state.reference, {w.tensor: w.to_original(w.rows) for w in weights}, feeds)
+        probe = lut_search.SqnrProbe(state.reference, {w.tensor: w.to_original(w.rows) for w in weights},
+                                     _probe_feeds(state, _reiterable(state)))
     statistics = _layer_statistics(state, weights)
     choice, tried = lut_search.choose(weights, config, probe, statistics)
     fit = "output error (GPTQ codes for MatMul/Gemm, weighted fits for Conv)" if statistics else "weight error"
@@ -223,6 +262,39 @@ def verify(state: CompileState) -> None:
                                           session).to_dict()
 
 
+def check_floor(state: CompileState) -> None:
+    """An output SQNR below config.sqnr_floor on the held-out samples: a warning that names the three
+    layers that cost most and the option that fixes it; with config.strict, BelowFloorError."""
+    config = state.config
+    if not state.verification:
+        state.warnings.append(f"no held-out samples: the output was not checked against the {config.sqnr_floor:g} dB floor")
+        return
+    outputs = state.verification["outputs"]
+    name = min(outputs, key=lambda n: float(outputs[n]["sqnr_db"]))
+    sqnr = float(outputs[name]["sqnr_db"])
+    if sqnr >= config.sqnr_floor:
+        return
+    if state.sensitivity:  # measured: the groups whose quantization costs most
+        worst = [f"{s.node} ({s.op_type}, {s.float_alone_db:.1f} dB with only it float)" for s in state.sensitivity[:3]]
+    else:
+        layers = sorted(state.verification["layers"], key=lambda layer: float(layer["sqnr_db"]))
+        worst = [f"{layer['node']} ({layer['op_type']}, its output {float(layer['sqnr_db']):.1f} dB)" for layer in layers[:3]]
+    message = (f"output {name} has SQNR {sqnr:.1f} dB on {state.verification['samples']} held-out samples, below the "
+               f"{config.sqnr_floor:g} dB floor; worst layers: {', '.join(worst) or 'none measured'}; {_floor_fix(config)}")
+    if config.strict:
+        raise BelowFloorError(f"{message} (--strict: nothing written)")
+    state.warnings.append(message)
+
+
+def _floor_fix(config: QuantConfig) -> str:
+    target = max(W8A8_TARGET_SQNR, config.sqnr_floor + 10.0)
+    if config.acts != "none" and not config.lut_weights:
+        return f"rerun with --target-sqnr {max(target, (config.target_sqnr or 0.0) + 10.0):g} to keep more groups float"
+    if config.weights == "int4":
+        return "rerun with --weights int8"
+    return f"rerun with --weights auto --target-sqnr {target:g} to choose each layer's format"
+
+
 def describe(state: CompileState) -> None:
     """The manifest and report, and the artifact that carries them."""
     config, context = state.config, state.context
@@ -236,8 +308,11 @@ def describe(state: CompileState) -> None:
         "plan": _plan_summary(context.plan),
         "coverage": _coverage(state),
         "lut_weights": state.lut_summary,
+        "float_search": state.float_search.to_dict() if state.float_search else None,
+        "sensitivity": [s.to_dict() for s in state.sensitivity],
         "deployed": state.deployed.to_dict(),
         "verification": state.verification,
+        "warnings": state.warnings,
         "custom_op_library": LUT_DOMAIN if config.lut_weights else None,
     }
     state.artifact = Artifact(context.model, manifest, report.render(manifest, state.figures), state.input_files)

@@ -122,10 +122,20 @@ class QuantPlan:
         self.groups.append(group)
 
     def resolve(self) -> None:
-        """Choose the integer groups and collect their specs. Dropping an optional group can only
-        make others drop, so this repeats until nothing changes."""
-        integer = self.integer = {g.node for g in self.groups if g.node not in self.floated}
-        reasons = dict(self.floated)
+        """Choose the integer groups (those not in `floated`, less the optional groups that drop out)
+        and collect their specs and the nodes that run in float."""
+        self.integer, reasons = self.integer_groups(self.floated)
+        self.specs = self.specs_of(self.integer)
+        absorbed = {name for g in self.groups if g.node in self.integer for name in g.absorbed}
+        self.skipped = [s for s in self.unplanned if s.node not in absorbed]
+        self.skipped += [SkippedNode(g.node, g.op_type, reasons[g.node]) for g in self.groups if g.node in reasons and g.listed]
+
+    def integer_groups(self, floated: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+        """The groups that run as integer kernels when those in `floated` (node -> why) stay float, and
+        why each other group does not. Dropping an optional group can only make others drop, so this repeats until
+        nothing changes."""
+        integer = {g.node for g in self.groups if g.node not in floated}
+        reasons = dict(floated)
         absorbed_by = {name: g.node for g in self.groups for name in g.absorbed}
         changed = True
         while changed:
@@ -141,28 +151,19 @@ class QuantPlan:
                     continue
                 integer.discard(group.node)
                 changed = True
-        self.specs = {}
+        return integer, reasons
+
+    def specs_of(self, integer: set[str]) -> dict[str, TensorSpec]:
+        """The tensors quantized, and for which readers, when the groups in `integer` run as integer kernels."""
+        specs: dict[str, TensorSpec] = {}
         for group in self.groups:
             if group.node in integer:
                 for spec in group.specs:
-                    self.add(spec)
+                    _merge(specs, spec)
         for group in self.groups:
-            if group.node in integer and group.tied_output and group.tied_output.tensor in self.specs:
-                self.add(group.tied_output)
-        absorbed = {name for g in self.groups if g.node in integer for name in g.absorbed}
-        self.skipped = [s for s in self.unplanned if s.node not in absorbed]
-        self.skipped += [SkippedNode(g.node, g.op_type, reasons[g.node]) for g in self.groups if g.node in reasons and g.listed]
-
-    def add(self, spec: TensorSpec) -> None:
-        """Add a spec, merging consumers with an existing spec of the same tensor."""
-        existing = self.specs.get(spec.tensor)
-        if existing is not None:
-            consumers = tuple(dict.fromkeys(existing.consumers + spec.consumers))
-            reason = existing.reason if spec.reason in existing.reason else f"{existing.reason}; {spec.reason}"
-            spec = TensorSpec(existing.tensor, existing.kind, existing.dtype, existing.axis, consumers, reason,
-                              existing.fixed_range or spec.fixed_range, existing.same_as or spec.same_as,
-                              existing.operands or spec.operands)
-        self.specs[spec.tensor] = spec
+            if group.node in integer and group.tied_output and group.tied_output.tensor in specs:
+                _merge(specs, group.tied_output)
+        return specs
 
     def keep_float(self, tensors: list[str], reason: str) -> None:
         """Every group that needs one of `tensors` quantized stays float, and so do optional groups
@@ -174,3 +175,15 @@ class QuantPlan:
 
     def of_kind(self, kind: str) -> list[TensorSpec]:
         return [spec for spec in self.specs.values() if spec.kind == kind]
+
+
+def _merge(specs: dict[str, TensorSpec], spec: TensorSpec) -> None:
+    """Add a spec, merging consumers with an existing spec of the same tensor."""
+    existing = specs.get(spec.tensor)
+    if existing is not None:
+        consumers = tuple(dict.fromkeys(existing.consumers + spec.consumers))
+        reason = existing.reason if spec.reason in existing.reason else f"{existing.reason}; {spec.reason}"
+        spec = TensorSpec(existing.tensor, existing.kind, existing.dtype, existing.axis, consumers, reason,
+                          existing.fixed_range or spec.fixed_range, existing.same_as or spec.same_as,
+                          existing.operands or spec.operands)
+    specs[spec.tensor] = spec

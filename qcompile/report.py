@@ -43,6 +43,10 @@ def render(manifest: dict, figures: tuple[str, ...] = ()) -> str:
         parts.append(_sqnr_plot(layers))
         parts.append(table(["node", "op", "output", "SQNR (dB)"],
                             [[l["node"], l["op_type"], l["tensor"], l["sqnr_db"]] for l in layers]))
+    if manifest.get("float_search"):
+        parts.extend(float_search_section(manifest["float_search"]))
+    if manifest.get("sensitivity"):
+        parts.extend(sensitivity_section(manifest["sensitivity"]))
     if manifest.get("lut_weights"):
         parts.extend(_lut_section(manifest["lut_weights"], figures))
     plan = manifest["plan"]
@@ -87,6 +91,47 @@ def _lut_section(summary: dict, figures: tuple[str, ...]) -> list[str]:
                          l["blocks"], l["mse"]] for l in summary["layers"]]))
     parts.extend(figures)
     return parts
+
+
+def float_search_section(search: dict) -> list[str]:
+    """The node groups kept float to reach the target, and the sets the search measured on the way."""
+    parts = [f"<h2>Target output SQNR {search['target_db']:g} dB: {len(search['floated'])} node groups kept float</h2>",
+             f"<p>Output SQNR on calibration data (fake-quantized probe): {search['full_db']} dB with every group "
+             f"integer, {search['sqnr_db']} dB as compiled.</p>"]
+    if search["floated"]:
+        parts.append(table(["node group", "why float"], [[node, why] for node, why in search["floated"].items()]))
+    if search["front"]:
+        finite = [p for p in search["front"] if isinstance(p["sqnr_db"], float)]
+        figure, axes = plt.subplots(figsize=(6, 3.2))
+        axes.scatter([p["cost_us"] for p in finite], [p["sqnr_db"] for p in finite], color="#3b6ea5", s=12)
+        axes.axhline(search["target_db"], color="#a53b3b", linewidth=1, label="target")
+        axes.set_xlabel("run time the float groups add (us, measured)")
+        axes.set_ylabel("output SQNR (dB)")
+        axes.set_title("Sets of float groups the search measured")
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        parts.append(svg(figure))
+    return parts
+
+
+def sensitivity_section(groups: list[dict]) -> list[str]:
+    """Per node group: output SQNR with only it quantized, and with only it float; sorted by the latter."""
+    figure, axes = plt.subplots(figsize=(max(6, len(groups) * 0.12), 3.4))
+    positions = np.arange(len(groups))
+    for key, label, color in (("float_alone_db", "only this group float", "#3b6ea5"),
+                              ("quantized_alone_db", "only this group quantized", "#a53b3b")):
+        values = [g[key] if isinstance(g[key], float) else np.nan for g in groups]
+        axes.plot(positions, values, "o", markersize=3, label=label, color=color)
+    axes.set_xlabel("node group (most sensitive first)")
+    axes.set_ylabel("output SQNR (dB)")
+    axes.set_title("Sensitivity of the output to each node group")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return [f"<h2>Sensitivity ({len(groups)} node groups)</h2>", svg(figure),
+            table(["node group", "op", "kernel", "SQNR, only it float (dB)", "SQNR, only it quantized (dB)",
+                   "float costs (us per run)"],
+                  [[g["node"], g["op_type"], g["kernel"], g["float_alone_db"], g["quantized_alone_db"], g["cost_us"]]
+                   for g in groups])]
 
 
 def sorted_weights_figure(samples: list[tuple[str, np.ndarray, np.ndarray]]) -> str:

@@ -15,11 +15,12 @@ DETERMINISTIC_THREADS = 2
 
 def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THREADS,
                  optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 use_library: bool | None = None, optimized_path=None) -> ort.InferenceSession:
+                 use_library: bool | None = None, optimized_path=None, profile_prefix=None) -> ort.InferenceSession:
     """optimized_path: where ONNX Runtime writes the graph it optimized (what it actually runs).
     use_library: register qcompile's custom-op library, built on first use (True); run the models'
     standard-op fallback functions instead (False); or register it when the model has qcompile ops,
-    falling back with a one-line note where it cannot be built (None)."""
+    falling back with a one-line note where it cannot be built (None).
+    profile_prefix: turn on ONNX Runtime's profiler, writing its JSON file under this prefix."""
     options = ort.SessionOptions()
     if use_library is None and _uses_custom_ops(model):
         try:
@@ -33,6 +34,8 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
     options.graph_optimization_level = optimization
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
     options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, not stderr lines
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .numerics import decibels
+from .numerics import decibels, json_number
 from .runtime import make_session, with_extra_outputs
 
 LAYER_SAMPLES = 8
@@ -40,8 +40,8 @@ class Verification:
         return {
             "samples": self.samples,
             "layer_samples": min(self.samples, LAYER_SAMPLES),
-            "outputs": {name: {k: _rounded(v) for k, v in values.items()} for name, values in self.outputs.items()},
-            "layers": [{"node": l.node, "op_type": l.op_type, "tensor": l.tensor, "sqnr_db": _rounded(l.sqnr_db)}
+            "outputs": {name: {k: json_number(v) for k, v in values.items()} for name, values in self.outputs.items()},
+            "layers": [{"node": l.node, "op_type": l.op_type, "tensor": l.tensor, "sqnr_db": json_number(l.sqnr_db)}
                        for l in self.layers],
         }
 
@@ -104,8 +104,3 @@ def row_cosines(reference: np.ndarray, approximation: np.ndarray) -> list[float]
     norms = norm_a * norm_b
     same_zero = np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0)  # two zero rows agree; one zero row does not
     return list(np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), same_zero))
-
-
-def _rounded(value: float) -> float | str:
-    """Fixed precision keeps manifests byte-stable; JSON has no infinity."""
-    return round(float(value), 4) if np.isfinite(value) else str(value)

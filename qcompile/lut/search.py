@@ -34,19 +34,21 @@ SCREEN_KEEP = 4  # functions then fitted to every row and compared on the model'
 
 
 class SqnrProbe:
-    """Output SQNR of the float model with some weights replaced, on a few calibration batches.
-    The weights become graph inputs, so one session scores every candidate."""
+    """Output SQNR of the float model with some weights (or other inputs) replaced, on a few calibration
+    batches. The weights become graph inputs, so one session scores every candidate."""
 
     def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray], feeds: list[dict]):
         if not feeds:
             raise QCompileError("choosing lookup-table quantizers by output SQNR needs calibration data (--calib)")
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
+        constants = {init.name for init in probe.graph.initializer}
         kept = [init for init in probe.graph.initializer if init.name not in weights]
         del probe.graph.initializer[:]
         probe.graph.initializer.extend(kept)
-        for name, value in weights.items():
-            probe.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape))
+        for name, value in weights.items():  # inputs already (a GatedProbe's switches) stay as they are
+            if name in constants:
+                probe.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape))
         self.session = make_session(probe)
         self.weights, self.feeds = weights, feeds
         self.reference = self._run({})
