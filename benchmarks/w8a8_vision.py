@@ -16,7 +16,8 @@ bundles, the first half calibrates and the second half evaluates, as in the zoo)
 * all-minilm-l6-v2: the zoo's pre-trained sentence encoder on Lee-corpus sentences. ONNX Runtime
   gets w8a8_minilm.py's copy with a finite attention-mask fill and the mask path excluded.
 
-Methods: float; qcompile W8A8 (its defaults, MSE calibration); ONNX Runtime quantize_static, QDQ,
+Methods: float; qcompile W8A8 (its defaults: MSE calibration, node groups kept float until the output
+SQNR reaches 20 dB; `--targets T ...` adds a compile per --target-sqnr T, 0 = every group integer); ONNX Runtime quantize_static, QDQ,
 per-channel, uint8 activations and int8 weights (set explicitly: ONNX Runtime 1.32 defaults to int8
 activations), with each calibrator at its defaults (Entropy's default 128 histogram bins leave it one
 candidate threshold, the full range, so it reproduces MinMax). Before quantize_static, ONNX Runtime's
@@ -36,6 +37,7 @@ size; quantization wall time (qcompile's includes its verification on the held-o
 
     .venv/bin/python benchmarks/w8a8_vision.py          # ~20 minutes on 2 cores
     .venv/bin/python benchmarks/w8a8_vision.py --models resnet18 --calib 4 --eval 4 --runs 3
+    .venv/bin/python benchmarks/w8a8_vision.py --models all-minilm-l6-v2 --targets 0 25   # issue 13's bars
 """
 from __future__ import annotations
 
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, help="calibration samples (default: 32, 64 for ViT and MiniLM)")
     parser.add_argument("--eval", type=int, help="held-out samples (default: 32, 64 for ViT and MiniLM)")
     parser.add_argument("--runs", type=int, default=3000, help="timed runs per session, in 100 interleaved rounds")
+    parser.add_argument("--targets", type=float, nargs="*", default=[],
+                        help="also compile with each of these --target-sqnr values (0: every group integer)")
     args = parser.parse_args()
 
     results = {}
@@ -105,7 +109,10 @@ def main() -> None:
         started = time.perf_counter()
         print(f"{name}: preparing model and samples ...", file=sys.stderr, flush=True)
         _isolated(prepare, name, str(folder), calib, held_out)
-        methods = {"qcompile": _attempt(f"{name}: qcompile", quantize_qcompile, str(folder))}
+        methods = {"qcompile": _attempt(f"{name}: qcompile", quantize_qcompile, str(folder), None)}
+        for target in args.targets:
+            methods[f"qcompile --target-sqnr {target:g}"] = _attempt(f"{name}: qcompile --target-sqnr {target:g}",
+                                                                    quantize_qcompile, str(folder), target)
         for calibrator in ORT_CALIBRATORS:
             methods[f"onnxruntime {calibrator}"] = _attempt(f"{name}: onnxruntime {calibrator}",
                                                             quantize_onnxruntime, str(folder), calibrator,
@@ -190,16 +197,19 @@ def _export_torchvision(name: str, path: Path) -> None:
 
 # --- quantizers (each in its own process) ---
 
-def quantize_qcompile(folder: str) -> dict:
+def quantize_qcompile(folder: str, target: float | None) -> dict:
+    """Its defaults (W8A8, the default output SQNR target), or another --target-sqnr."""
     import qcompile
 
     folder = Path(folder)
     start = time.perf_counter()
-    artifact = qcompile.compile(folder / "model.onnx", qcompile.QuantConfig(weights="int8", acts="int8"),
+    artifact = qcompile.compile(folder / "model.onnx", qcompile.QuantConfig(weights="int8", acts="int8", target_sqnr=target),
                                 calib=folder / "calib.npz", verify_data=folder / "eval.npz")
-    artifact.save(folder / "qcompile", force=True)
+    out = folder / ("qcompile" if target is None else f"qcompile_target_{target:g}")
+    artifact.save(out, force=True)
     verification = artifact.manifest["verification"]["outputs"]
-    return {"path": str(folder / "qcompile" / "model.onnx"), "seconds": round(time.perf_counter() - start, 1),
+    return {"path": str(out / "model.onnx"), "seconds": round(time.perf_counter() - start, 1),
+            "float_groups": len((artifact.manifest["float_search"] or {}).get("floated", {})),
             "manifest_sqnr_db": round(float(next(iter(verification.values()))["sqnr_db"]), 2),
             "manifest_verification": verification, "manifest_deployed": artifact.manifest.get("deployed")}
 

@@ -26,7 +26,8 @@ from .errors import QCompileError  # noqa: E402
 from .graph import load_model  # noqa: E402
 from . import __version__  # noqa: E402
 from .artifact import MANIFEST_FILE, MARKER, staged_directory  # noqa: E402
-from .report import HTML_HEAD, svg, table  # noqa: E402
+from .config import QuantConfig  # noqa: E402
+from .report import HTML_HEAD, sensitivity_section, svg, table  # noqa: E402
 from .runtime import make_session, with_extra_outputs  # noqa: E402
 
 OUTLIER_SIGMAS = 6.0
@@ -110,6 +111,20 @@ def analyze(model, samples) -> Analysis:
     return Analysis(tensors, worst, histograms[worst].centres_and_counts())
 
 
+def analyze_sensitivity(model, samples, config: QuantConfig | None = None) -> list[dict]:
+    """Per W8A8 node group (config: default W8A8), output SQNR with only it quantized and with only it
+    float, and what keeping it float costs in run time, most sensitive first (as compile measures it)."""
+    from . import phases
+
+    state = phases.CompileState(model, config or QuantConfig(), samples)
+    for phase in (phases.load, phases.normalize, phases.plan, phases.calibrate):
+        phase(state)
+    if not state.context.plan.integer:
+        raise QCompileError("the model has no node group to quantize with this config")
+    phases.measure_sensitivity(state)
+    return [s.to_dict() for s in state.sensitivity]
+
+
 def _summarise(node, name: str, moments: StreamingMoments, histogram: StreamingHistogram) -> TensorOutliers:
     centres, counts = histogram.centres_and_counts()
     far = np.abs(centres - moments.mean) > OUTLIER_SIGMAS * moments.std if moments.std > 0 else np.zeros_like(centres, bool)
@@ -117,17 +132,21 @@ def _summarise(node, name: str, moments: StreamingMoments, histogram: StreamingH
                           moments.std, moments.kurtosis, float(counts[far].sum() / counts.sum()))
 
 
-def write_report(analysis: Analysis, directory: str | Path, force: bool = False, inputs=()) -> Path:
+def write_report(analysis: Analysis, directory: str | Path, force: bool = False, inputs=(),
+                 groups: list[dict] | None = None) -> Path:
     """outliers.json and report.html: per-tensor max |x| and kurtosis, the worst tensor's histogram;
-    manifest.json marks the folder as qcompile's, so --force may replace it later."""
+    with `groups` (analyze_sensitivity), sensitivity.json and its table and plot; manifest.json marks
+    the folder as qcompile's, so --force may replace it later."""
     with staged_directory(directory, force, inputs) as staging:
         (staging / MANIFEST_FILE).write_text(json.dumps({MARKER: __version__, "kind": "analysis"}) + "\n")
         (staging / "outliers.json").write_text(json.dumps([asdict(t) for t in analysis.tensors], indent=2) + "\n")
-        (staging / "report.html").write_text(_render(analysis))
+        if groups is not None:
+            (staging / "sensitivity.json").write_text(json.dumps(groups, indent=2) + "\n")
+        (staging / "report.html").write_text(_render(analysis, groups))
     return Path(directory)
 
 
-def _render(analysis: Analysis) -> str:
+def _render(analysis: Analysis, groups: list[dict] | None) -> str:
     worst = next(t for t in analysis.tensors if t.tensor == analysis.worst)
     ranked = sorted(analysis.tensors, key=lambda t: -t.kurtosis)
     return "\n".join([
@@ -141,6 +160,7 @@ def _render(analysis: Analysis) -> str:
         table(["tensor", "node", "op", "max |x|", "std", "kurtosis", f"share beyond {OUTLIER_SIGMAS:g} std"],
               [[t.tensor, t.node, t.op_type, f"{t.max_abs:.4g}", f"{t.std:.4g}", f"{t.kurtosis:.4g}",
                 f"{t.outlier_fraction:.2e}"] for t in ranked]),
+        *(sensitivity_section(groups) if groups is not None else []),
         "</body></html>\n",
     ])
 

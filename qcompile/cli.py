@@ -163,14 +163,23 @@ def run(artifact, inputs, outputs):
 @click.option("--calib", type=click.Path(path_type=Path), required=True, help="Sample data: an .npz file or a folder of them.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Report directory to write.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-def analyze(model, calib, output, force):
+@click.option("--sensitivity", is_flag=True,
+              help="Also rank every W8A8 node group: output SQNR with only it quantized / only it float, and the "
+                   "run time keeping it float costs.")
+def analyze(model, calib, output, force, sensitivity):
     """Outlier report for MODEL: per-tensor max |x|, kurtosis and share beyond 6 std."""
-    from .analyze import analyze as analyze_model, write_report
+    from .analyze import analyze as analyze_model, analyze_sensitivity, write_report
     from .artifact import check_output
 
     check_output(output, force, inputs=(model, calib))
     analysis = analyze_model(model, calib)
-    write_report(analysis, output, force=force, inputs=(model, calib))
+    groups = analyze_sensitivity(model, calib) if sensitivity else None
+    write_report(analysis, output, force=force, inputs=(model, calib), groups=groups)
+    if groups is not None:
+        click.echo(f"{len(groups)} node groups; most sensitive (output SQNR with only it float / only it quantized):")
+        for group in groups[:5]:
+            click.echo(f"  {group['node'][:32]:<32} {group['op_type']:<10} {group['float_alone_db']:>8} dB "
+                       f"{group['quantized_alone_db']:>8} dB  float costs {group['cost_us']:g} us")
     click.echo(f"wrote {output}/report.html; largest max |x| / std:")
     worst = sorted(analysis.tensors, key=lambda t: -(t.max_abs / t.std if t.std else 0.0))[:5]
     click.echo(f"  {'tensor':<32} {'op':<20} {'max |x|':>9} {'std':>9} {'kurtosis':>9}")

@@ -25,6 +25,7 @@ from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_ho
 from .deployed import DeployedKernels, deployed_session
 from .errors import BelowFloorError, QCompileError, first_line
 from .graph import load_model
+from .numerics import decibels
 from .lut import DOMAIN as LUT_DOMAIN, search as lut_search, tables as lut_tables
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, FuseHardSwish, InsertLutWeights,
                      InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
@@ -162,19 +163,51 @@ def keep_float(state: CompileState) -> None:
         return
     target = config.target_sqnr if config.target_sqnr is not None else W8A8_TARGET_SQNR
     probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
-    held_out = (sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, iter(state.verify_feeds)))
-                if state.verify_feeds else None)
+    held_out = _HeldOutCheck(state) if state.verify_feeds else None
     full = probe(plan_.integer)
     if full >= target and (held_out is None or held_out(plan_.integer) >= target):
         state.float_search = sensitivity.FloatSearch(target, full, sqnr_db=full)
         return
-    feed = next(iter(batched(itertools.islice(_reiterable(state), 1), state.inputs, 1)))
-    costs = sensitivity.latency_costs(state.reference, _deployed_model(state), plan_, feed)
-    state.sensitivity = sensitivity.sensitivity(probe, costs, config.executor, config.workers)
+    measure_sensitivity(state, probe)
     state.float_search = sensitivity.keep_float(probe, state.sensitivity, target, held_out)
     plan_.floated.update(state.float_search.floated)
     plan_.resolve()
     calibrate(state)  # a tensor that took a now-float neighbour's scale needs its own range
+
+
+class _HeldOutCheck:
+    """Output SQNR on the held-out samples of the model as deployed with a given set of integer groups."""
+
+    def __init__(self, state: CompileState):
+        self.state, self.feeds = state, state.verify_feeds  # one by one, as `verify` runs them: the same sums
+        session = make_session(state.reference)
+        self.reference = [session.run(None, feed) for feed in self.feeds]
+
+    def __call__(self, integer: set[str]) -> float:
+        plan_ = self.state.context.plan
+        chosen = dict(plan_.floated)
+        plan_.floated.update({g.node: "" for g in plan_.groups if g.node not in integer})
+        plan_.resolve()
+        calibrate(self.state)  # a tensor that took a now-float neighbour's scale needs its own range
+        session = make_session(_deployed_model(self.state))
+        plan_.floated = chosen
+        plan_.resolve()
+        signal = noise = 0.0
+        for feed, reference in zip(self.feeds, self.reference):
+            for expected, output in zip(reference, session.run(None, feed)):
+                if expected.dtype.kind == "f":
+                    signal += float(np.sum(expected.astype(np.float64) ** 2))
+                    noise += float(np.sum((expected.astype(np.float64) - output) ** 2))
+        return decibels(signal, noise)
+
+
+def measure_sensitivity(state: CompileState, probe: sensitivity.GatedProbe | None = None) -> None:
+    """state.sensitivity: every integer group's sensitivity and the measured cost of keeping it float."""
+    plan_ = state.context.plan
+    probe = probe or sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
+    feed = next(iter(batched(itertools.islice(_reiterable(state), 1), state.inputs, 1)))
+    costs = sensitivity.latency_costs(state.reference, _deployed_model(state), plan_, feed)
+    state.sensitivity = sensitivity.sensitivity(probe, costs, state.config.executor, state.config.workers)
 
 
 def _probe_feeds(state: CompileState, feeds) -> list[dict]:
@@ -270,6 +303,8 @@ def check_floor(state: CompileState) -> None:
         state.warnings.append(f"no held-out samples: the output was not checked against the {config.sqnr_floor:g} dB floor")
         return
     outputs = state.verification["outputs"]
+    if not outputs:  # string outputs only: nothing has an SQNR
+        return
     name = min(outputs, key=lambda n: float(outputs[n]["sqnr_db"]))
     sqnr = float(outputs[name]["sqnr_db"])
     if sqnr >= config.sqnr_floor:

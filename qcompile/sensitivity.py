@@ -11,10 +11,12 @@ reaches a target.
   the optional groups that drop out with it), scored in chunks on an executor (local pool, Ray).
 * `latency_costs`: per group, the run time keeping it float adds, read from ONNX Runtime's profiler:
   its float node(s) in the float model minus its integer kernel in the deployed model, plus the
-  QuantizeLinear / DequantizeLinear its inputs and output then need, at the measured per-element rate.
+  QuantizeLinear / DequantizeLinear its inputs and output then need, at the measured per-element rate;
+  each node's fastest of PROFILE_RUNS runs, rounded to two significant digits.
 * `keep_float`: groups ranked by the noise keeping them float removes per microsecond it costs; the
   shortest ranked prefix that reaches the target (bisection), then each chosen group, most expensive
-  first, goes back to integer where the target still holds. Deterministic.
+  first, goes back to integer where the target still holds. Deterministic for given costs; the costs
+  are timings, so two compiles agree unless a group's cost moves across a two-digit rounding step.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -36,6 +39,9 @@ from .plan import QuantPlan
 from .runtime import make_session
 
 PROFILE_RUNS = 20
+HELD_OUT_ROUNDS = 8
+MIN_RAISE_DB = 0.1
+WORKER_START_SECONDS = 10.0  # a worker process imports qcompile and opens the probe session before scoring
 _LAYOUT_SUFFIX = re.compile(r"_token_\d+$")
 
 
@@ -61,11 +67,13 @@ class FloatSearch:
     full_db: float  # every group integer
     floated: dict[str, str] = field(default_factory=dict)  # group -> why it stays float
     sqnr_db: float = float("inf")
+    held_out_db: float | None = None  # the deployed model's, on the held-out samples, where checked
     front: list[dict] = field(default_factory=list)  # {"floated", "cost_us", "sqnr_db"} per measured set
 
     def to_dict(self) -> dict:
         return {**asdict(self), "target_db": self.target_db, "full_db": json_number(self.full_db),
-                "sqnr_db": json_number(self.sqnr_db)}
+                "sqnr_db": json_number(self.sqnr_db),
+                "held_out_db": None if self.held_out_db is None else json_number(self.held_out_db)}
 
 
 class GatedProbe:
@@ -100,7 +108,7 @@ def _gated_model(model: onnx.ModelProto, plan: QuantPlan):
     defaults, quantized, added = {}, {}, []
     for spec in plan.specs.values():
         params = plan.params[spec.tensor]
-        readers = [(name, index) for name, index in spec.consumers if name in nodes]
+        readers = [(name, index) for name, index in dict.fromkeys(spec.consumers) if name in nodes]
         if spec.kind == "weight":
             values = numpy_helper.to_array(initializers[spec.tensor]).astype(np.float32)
             shape = [1] * values.ndim
@@ -171,18 +179,22 @@ def sensitivity(probe: GatedProbe, costs: dict[str, float], executor_name: str =
 
 
 def score_sets(probe: GatedProbe, sets: list[dict], executor_name: str, workers: int | None) -> list[float]:
-    """The probe's SQNR for each set of switched inputs, in chunks, one per worker."""
-    executor = make_executor(executor_name, workers)
-    chunks = max(1, min(len(sets), workers or os.cpu_count() or 1)) if executor_name != "serial" else 1
-    if chunks == 1:
-        return [probe.probe(s) for s in sets]
-    model = probe.model.SerializeToString()
-    tasks = [(model, probe.defaults, probe.probe.feeds, sets[i::chunks]) for i in range(chunks)]
-    parts = executor.map(_score_chunk, tasks, f"scoring {len(sets)} group sets")
-    scores = [0.0] * len(sets)
+    """The probe's SQNR for each set of switched inputs: in this process where that takes less than
+    starting workers would (a small model), else in chunks, one per worker."""
+    if not sets:
+        return []
+    started = time.perf_counter()
+    first = probe.probe(sets[0])
+    chunks = max(1, min(len(sets) - 1, workers or os.cpu_count() or 1)) if executor_name != "serial" else 1
+    if chunks == 1 or (time.perf_counter() - started) * (len(sets) - 1) < WORKER_START_SECONDS * chunks:
+        return [first] + [probe.probe(s) for s in sets[1:]]
+    model, rest = probe.model.SerializeToString(), sets[1:]
+    tasks = [(model, probe.defaults, probe.probe.feeds, rest[i::chunks]) for i in range(chunks)]
+    parts = make_executor(executor_name, workers).map(_score_chunk, tasks, f"scoring {len(sets)} group sets")
+    scores = [0.0] * len(rest)
     for i, part in enumerate(parts):
         scores[i::chunks] = part
-    return scores
+    return [first] + scores
 
 
 def _score_chunk(model: bytes, defaults: dict, feeds: list[dict], sets: list[dict]) -> list[float]:
@@ -201,12 +213,13 @@ def latency_costs(float_model: onnx.ModelProto, deployed_model: onnx.ModelProto,
         if group.node not in plan.integer:
             continue
         float_time = sum(float_times.get(name, 0.0) for name in (group.node, *group.absorbed))
-        costs[group.node] = max(0.0, float_time - integer_times.get(group.node, 0.0)) + rate * float_elements.get(group.node, 0)
+        cost = max(0.0, float_time - integer_times.get(group.node, 0.0)) + rate * float_elements.get(group.node, 0)
+        costs[group.node] = float(f"{cost:.2g}")  # two digits: run-to-run timing noise rarely reorders the groups
     return costs
 
 
 def _profile(model: onnx.ModelProto, feed: dict, qdq_rate: bool = False) -> tuple[dict[str, float], dict[str, int]]:
-    """Mean microseconds per node name (layout suffixes stripped) over PROFILE_RUNS runs, and each
+    """Microseconds per node name (layout suffixes stripped), the fastest of PROFILE_RUNS runs, and each
     node's input + output element count; with qdq_rate, also the QuantizeLinear / DequantizeLinear
     microseconds per element under the key "::qdq_us_per_element"."""
     with tempfile.TemporaryDirectory(prefix="qcompile-profile-") as folder:
@@ -240,9 +253,10 @@ def _profile(model: onnx.ModelProto, feed: dict, qdq_rate: bool = False) -> tupl
 
 
 def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: float,
-               held_out: GatedProbe | None = None) -> FloatSearch:
-    """The cheapest set of groups to keep float so that the probe (and `held_out`, if given) reaches
-    `target_db`; every group float if nothing less does."""
+               held_out=None) -> FloatSearch:
+    """The cheapest set of groups to keep float so that the probe (and `held_out`, if given: integer
+    groups -> output SQNR on held-out samples) reaches `target_db`; every group float if nothing
+    less does."""
     plan = probe.plan
     full = probe(plan.integer)
     search = FloatSearch(target_db, full)
@@ -265,7 +279,7 @@ def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: flo
 
     calibration_target = target_db
     floated: list[str] = []
-    for _ in range(3):  # a held-out shortfall raises the calibration target by it, at most twice
+    for _ in range(HELD_OUT_ROUNDS):  # a held-out shortfall raises the calibration target by it
         floated = _shortest_prefix(order, lambda k: measure(order[:k]) >= calibration_target)
         for node in sorted(floated, key=lambda n: -costs[n]):  # most expensive first back to integer
             trial = [n for n in floated if n != node]
@@ -273,10 +287,10 @@ def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: flo
                 floated = trial
         if held_out is None:
             break
-        held_out_score = held_out(plan.integer - set(floated))
-        if held_out_score >= target_db or len(floated) == len(order):
+        search.held_out_db = held_out(plan.integer - set(floated))
+        if search.held_out_db >= target_db or len(floated) == len(order):
             break
-        calibration_target += target_db - held_out_score
+        calibration_target += max(target_db - search.held_out_db, MIN_RAISE_DB)
     search.sqnr_db = measure(floated)
     search.floated = {node: f"kept float to reach the {target_db:g} dB output SQNR target (its sensitivity and cost: "
                             "report.html)" for node in floated}

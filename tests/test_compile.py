@@ -118,7 +118,7 @@ def test_config_round_trips_and_rejects_bad_values():
     assert qcompile.QuantConfig(weights="affine", bits=3).bits == (3, 3)
     for bad, message in [({"weights": "nl", "bits": (1, 4)}, "bits must be a range within 2..8"),
                          ({"weights": "nl", "block": 32}, "--block needs affine or table lookup-table weights"),
-                         ({"weights": "nl", "target_sqnr": 30.0}, "--target-sqnr drives the bit-width search"),
+                         ({"weights": "nl", "target_sqnr": 30.0}, "--target-sqnr needs --acts int8"),
                          ({"weights": "affine", "bits": (4, 6)}, "needs --weights nl"),
                          ({"weights": "nl", "functions": ["cosh"]}, "unknown or non-invertible pool functions: cosh"),
                          ({"weights": "nl", "executor": "slurm"}, "executor must be one of")]:

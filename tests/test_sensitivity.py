@@ -1,0 +1,116 @@
+"""W8A8 to a target: the gated probe against the deployed model, the float-set search, the floor."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qcompile
+from qcompile import phases, sensitivity
+from qcompile.compiler import QCompileWarning
+from qcompile.data import batched, iterate_feeds
+from qcompile.errors import BelowFloorError
+from qcompile.runtime import make_session
+
+
+def _calibrated(tiny_bert, **config):
+    state = phases.CompileState(tiny_bert["model"], qcompile.QuantConfig(**config), tiny_bert["calib"],
+                                tiny_bert["eval"])
+    for phase in (phases.load, phases.normalize, phases.plan, phases.calibrate):
+        phase(state)
+    return state
+
+
+def _sqnr(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    noise = sum(float(np.sum((r.astype(np.float64) - o) ** 2)) for r, o in zip(reference, outputs))
+    return 10 * np.log10(signal / noise)
+
+
+def test_gated_probe_scores_sets_of_groups_as_the_deployed_model_computes(tiny_bert):
+    state = _calibrated(tiny_bert)
+    plan = state.context.plan
+    feeds = list(batched(iterate_feeds(tiny_bert["eval"], state.inputs), state.inputs, 8))
+    probe = sensitivity.GatedProbe(state.reference, plan, feeds)
+    assert probe(set()) == float("inf")  # nothing quantized: the float model exactly
+    float_session, deployed = make_session(state.reference), make_session(phases._deployed_model(state))
+    reference = [out for feed in feeds for out in float_session.run(None, feed)]
+    deployed_sqnr = _sqnr(reference, [out for feed in feeds for out in deployed.run(None, feed)])
+    # Fake-quant in float against ONNX Runtime's integer kernels: the same rounding, other summation order.
+    assert abs(probe(plan.integer) - deployed_sqnr) < 0.5
+    matmul = next(g.node for g in plan.groups if g.kernel == "MatMulIntegerToFloat" and g.node in plan.integer)
+    assert probe({matmul}, alone=True) > probe(plan.integer)
+    # Floating a group removes the optional groups that were integer only for it: the switches follow the plan.
+    integer, _ = plan.integer_groups({matmul: "test"})
+    assert probe.switches(plan.integer - {matmul}) == probe.switches(integer)
+
+
+def test_keep_float_reaches_the_target_with_no_group_to_spare(tiny_bert):
+    state = _calibrated(tiny_bert)
+    plan = state.context.plan
+    probe = sensitivity.GatedProbe(state.reference, plan, phases._probe_feeds(state, phases._reiterable(state)))
+    full = probe(plan.integer)
+    phases.measure_sensitivity(state, probe)
+    assert {s.node for s in state.sensitivity} == plan.integer
+    assert all(s.cost_us >= 0 for s in state.sensitivity)
+    floats = [s.float_alone_db for s in state.sensitivity]
+    assert floats == sorted(floats, reverse=True)
+    target = full + 6.0
+    search = sensitivity.keep_float(probe, state.sensitivity, target)
+    assert search.full_db == full and search.sqnr_db >= target and search.floated
+    assert probe(plan.integer - set(search.floated)) == search.sqnr_db
+    for node in search.floated:  # each float group is needed: back to integer, the target fails
+        assert probe(plan.integer - (set(search.floated) - {node})) < target
+
+
+def test_compile_to_a_target_keeps_groups_float_and_says_which(tiny_bert):
+    full = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(target_sqnr=0), calib=tiny_bert["calib"],
+                            verify_data=tiny_bert["eval"]).manifest
+    assert full["float_search"]["floated"] == {}
+    target = full["verification"]["outputs"]["sentence_embedding"]["sqnr_db"] + 6.0
+    manifest = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(target_sqnr=target), calib=tiny_bert["calib"],
+                                verify_data=tiny_bert["eval"]).manifest
+    floated = manifest["float_search"]["floated"]
+    assert floated and manifest["verification"]["outputs"]["sentence_embedding"]["sqnr_db"] >= target
+    kept = {s["node"]: s["reason"] for s in manifest["plan"]["kept_float"]}
+    assert all("output SQNR target" in kept[node] for node in floated)
+    assert {s["node"] for s in manifest["sensitivity"]} >= set(floated)
+
+
+def test_an_output_below_the_floor_warns_and_strict_writes_nothing(tiny_bert, tmp_path):
+    config = dict(target_sqnr=0, sqnr_floor=200.0)
+    with pytest.warns(QCompileWarning, match=r"below the 200 dB floor; worst layers: .*rerun with --target-sqnr"):
+        artifact = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(**config), calib=tiny_bert["calib"],
+                                    verify_data=tiny_bert["eval"])
+    assert "below the 200 dB floor" in artifact.manifest["warnings"][0]
+    with pytest.raises(BelowFloorError, match="--strict: nothing written"):
+        qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(**config, strict=True), calib=tiny_bert["calib"],
+                         verify_data=tiny_bert["eval"])
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "qcompile", "compile", str(tiny_bert["model"]), "--calib",
+                             str(tiny_bert["calib"]), "--verify-data", str(tiny_bert["eval"]), "-o", str(out),
+                             "--target-sqnr", "0", "--sqnr-floor", "200", "--strict"], capture_output=True, text=True)
+    assert result.returncode == 4 and not out.exists()
+    assert result.stderr.count("\n") == 1 and "below the 200 dB floor" in result.stderr
+
+
+def test_a_collapsed_four_bit_model_does_not_end_silently(tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "qcompile", "compile", str(tiny_bert["model"]), "--calib",
+                             str(tiny_bert["calib"]), "--verify-data", str(tiny_bert["eval"]), "-o", str(out),
+                             "--weights", "int2", "--acts", "none", "--sqnr-floor", "30"], capture_output=True, text=True)
+    assert result.returncode == 0 and (out / "model.onnx").exists()
+    assert "WARNING: output sentence_embedding has SQNR" in result.stderr
+    assert "rerun with --weights auto --target-sqnr" in result.stderr
+
+
+def test_analyze_sensitivity_ranks_every_group(tiny_bert, tmp_path):
+    out = tmp_path / "analysis"
+    result = subprocess.run([sys.executable, "-m", "qcompile", "analyze", str(tiny_bert["model"]), "--calib",
+                             str(tiny_bert["calib"]), "-o", str(out), "--sensitivity"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    groups = json.loads((out / "sensitivity.json").read_text())
+    assert groups and all({"node", "float_alone_db", "quantized_alone_db", "cost_us"} <= set(g) for g in groups)
+    assert "Sensitivity of the output to each node group" in (out / "report.html").read_text()
