@@ -37,13 +37,17 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Artifact directory to write.")
 @click.option("--weights", default="int8", show_default=True,
               help="int8 | int4 (QDQ; int4 with --acts none or --block, and int2..int7: packed affine lookup-table "
-                   "weights) | nl | nlB (PTNQ non-linear B-bit) | table | tableB (free B-bit float16 tables) | none.")
+                   "weights) | nl | nlB (PTNQ non-linear B-bit) | table | tableB (free B-bit float16 tables) | none | "
+                   "auto (a format per layer, for --target-sqnr or --size-budget).")
 @click.option("--bits", help="Code width for --weights nl or table: B; for nl also LOW-HIGH to search widths "
                              "(with --target-sqnr).")
 @click.option("--block", type=int, help="Affine or free lookup tables: one table per block of this many inputs.")
 @click.option("--fit", type=click.Choice(FITS), default="output", show_default=True,
               help="Fit lookup-table weights to each layer's output error on --calib data, or to the weights alone.")
-@click.option("--target-sqnr", type=float, help="Bit-width search: keep the lowest width reaching this output SQNR (dB).")
+@click.option("--target-sqnr", type=float, help="Bit-width search (nl): keep the lowest width reaching this output SQNR "
+                                                "(dB); --weights auto: reach it with the fewest bytes.")
+@click.option("--size-budget", type=float, help="--weights auto: the best output SQNR within this fraction of the float "
+                                                "weight bytes.")
 @click.option("--functions", help="Comma-separated PTNQ pool functions to search (default: the whole pool).")
 @click.option("--lut-ops", help="Comma-separated ops whose weights become lookup tables "
                                   "(default: MatMul,Gemm,Conv,Gather; Gather = embedding tables).")
@@ -61,8 +65,8 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--no-residual", is_flag=True, help="Keep Adds of two activations (residual Adds) in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
-def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, functions, lut_ops, function_depth,
-            select, executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
+def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, size_budget, functions, lut_ops,
+            function_depth, select, executor, workers, acts, calib_method, percentile, no_attention, no_residual, force, explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .artifact import check_output
     from .compiler import compile as compile_model
@@ -71,7 +75,7 @@ def compile(model, calib, verify_data, output, weights, bits, block, fit, target
     weights, bit_range = _weight_format(weights, bits, block, acts)
     config = QuantConfig(weights=weights, acts=acts, calib_method=calib_method, percentile=percentile,
                          quantize_attention=not no_attention, quantize_residual_adds=not no_residual, bits=bit_range,
-                         block=block, target_sqnr=target_sqnr, function_depth=function_depth,
+                         block=block, target_sqnr=target_sqnr, size_budget=size_budget, function_depth=function_depth,
                          functions=tuple(functions.split(",")) if functions else None, select=select,
                          **({"lut_ops": tuple(lut_ops.split(","))} if lut_ops else {}),
                          executor=executor, workers=workers, fit=fit)
@@ -86,6 +90,10 @@ def compile(model, calib, verify_data, output, weights, bits, block, fit, target
 def _weight_format(text: str, bits: str | None, block: int | None, acts: str) -> tuple[str, tuple[int, int]]:
     """--weights and --bits -> (QuantConfig.weights, bits)."""
     bit_range = _bit_range(bits) if bits else None
+    if text == "auto":
+        if bits:
+            raise QCompileError("--weights auto chooses the bits of every layer: drop --bits")
+        return text, (4, 4)
     if text in ("int8", "int4", "none") and block is None and (text != "int4" or acts != "none"):
         if bits:
             raise QCompileError(f"--bits applies to lookup-table weights (nl, table, int2..int7), not --weights {text}")
@@ -98,7 +106,8 @@ def _weight_format(text: str, bits: str | None, block: int | None, acts: str) ->
             if bit_range not in (None, (width, width)):
                 raise QCompileError(f"--weights {text} already sets {width} bits; --bits {bits} disagrees")
             return kind, (width, width)
-    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB, table, tableB or none (B = 2..8); got {text!r}")
+    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB, table, tableB, none or auto (B = 2..8); "
+                        f"got {text!r}")
 
 
 def _bit_range(text: str) -> tuple[int, int]:
@@ -214,8 +223,13 @@ def _print_summary(manifest: dict, output: Path) -> None:
     if lut_weights:
         used = sorted({layer["quantizer"] for layer in lut_weights["layers"]})
         sqnr = "" if lut_weights["sqnr_db"] is None else f"; output SQNR on calibration data {lut_weights['sqnr_db']:.2f} dB"
-        click.echo(f"  {len(lut_weights['layers'])} weights as packed {lut_weights['bits']}-bit lookup tables "
+        width = "mixed-width" if lut_weights["bits"] is None else f"{lut_weights['bits']}-bit"
+        click.echo(f"  {len(lut_weights['layers'])} weights as packed {width} lookup tables "
                    f"({', '.join(used)}), fitted to {lut_weights['fit']}{sqnr}")
+        if "mixed" in lut_weights:
+            mixed = lut_weights["mixed"]
+            click.echo(f"  --weights auto: {mixed['bytes_fraction']:.4f} of the float weight bytes, "
+                       f"{mixed['kept_float']} weights kept float")
     coverage = manifest["coverage"]
     if coverage["kept_float"]:
         share = coverage["kept_float"] / coverage["linear_ops"]

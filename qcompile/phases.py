@@ -25,7 +25,7 @@ from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_ho
 from .deployed import DeployedKernels, deployed_session
 from .errors import QCompileError, first_line
 from .graph import load_model
-from .lut import DOMAIN as LUT_DOMAIN, search as lut_search, tables as lut_tables
+from .lut import DOMAIN as LUT_DOMAIN, mixed as lut_mixed, search as lut_search, tables as lut_tables
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, FuseHardSwish, InsertLutWeights,
                      InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
 from .passes.insert_lut_weights import find_lut_weights
@@ -107,8 +107,9 @@ def plan(state: CompileState) -> None:
         if not find_lut_weights(state.context.graph, state.config.lut_ops):
             raise QCompileError(f"the model has no constant {'/'.join(state.config.lut_ops)} weight to store as "
                                 "lookup tables; --weights int8 --acts int8 quantizes its activations")
-        if state.calib is None and state.config.target_sqnr is not None:
-            raise QCompileError("--target-sqnr is measured on calibration data: give --calib")
+        if state.calib is None and (state.config.target_sqnr is not None or state.config.weights == "auto"):
+            raise QCompileError(f"{'--weights auto' if state.config.weights == 'auto' else '--target-sqnr'} "
+                                "measures output SQNR on calibration data: give --calib")
 
 
 def calibrate(state: CompileState) -> None:
@@ -161,27 +162,37 @@ def search(state: CompileState) -> None:
         feeds = list(batched(itertools.islice(_reiterable(state), PROBE_SAMPLES), state.inputs, config.calib_batch_size))
         probe = lut_search.SqnrProbe(state.reference, {w.tensor: w.to_original(w.rows) for w in weights}, feeds)
     statistics = _layer_statistics(state, weights)
-    choice, tried = lut_search.choose(weights, config, probe, statistics)
+    if config.weights == "auto":
+        choice, mixed = lut_mixed.choose_mixed(weights, config, probe, statistics)
+        tried = []
+    else:
+        choice, tried = lut_search.choose(weights, config, probe, statistics)
     fit = "output error (GPTQ codes for MatMul/Gemm, weighted fits for Conv)" if statistics else "weight error"
     context.lut = choice.encoded
-    state.lut_nodes = {w.node for w in weights}
+    stored = [w for w in weights if w.tensor in choice.encoded]  # --weights auto keeps some float
+    state.lut_nodes = {w.node for w in stored}
     context.plan.skipped = [s for s in context.plan.skipped if s.node not in state.lut_nodes]
     layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
-               "k": int(w.rows.shape[1]), "bits": choice.bits, "quantizer": choice.encoded[w.tensor].quantizer.name,
+               "k": int(w.rows.shape[1]), "bits": choice.encoded[w.tensor].quantizer.bits,
+               "quantizer": choice.encoded[w.tensor].quantizer.name,
                "blocks": int(choice.encoded[w.tensor].quantizer.table.shape[1]), "mse": choice.encoded[w.tensor].mse}
-              for w in weights]
+              for w in stored]
     state.lut_summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db, "fit": fit,
                          "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
                          "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function}
                                    for c in tried],
                          "layers": layers}
+    figures = ()
+    if config.weights == "auto":
+        state.lut_summary["mixed"] = mixed
+        figures = (report.front_figure(mixed),)
     samples = []
-    for w in weights[:: max(1, len(weights) // 4)][:4]:  # a few layers, spread over the model
+    for w in stored[:: max(1, len(stored) // 4)][:4]:  # a few layers, spread over the model
         row = int(np.abs(w.rows).max(axis=1).argmax())  # the row with the widest range
         encoded = choice.encoded[w.tensor]
         values = encoded.quantizer.dequantize(encoded.codes[row:row + 1])[0]
         samples.append((f"{w.tensor} row {row} ({encoded.quantizer.name})", w.rows[row], values))
-    state.figures = (report.sorted_weights_figure(samples),)
+    state.figures = figures + ((report.sorted_weights_figure(samples),) if samples else ())
 
 
 def _layer_statistics(state: CompileState, weights) -> dict[str, lut_tables.LayerStatistics]:

@@ -64,9 +64,9 @@ class SqnrProbe:
 
 @dataclass
 class Choice:
-    """The quantizers chosen at one bit width, and how they scored."""
+    """The quantizers chosen at one bit width (None: a width per layer, --weights auto), and how they scored."""
 
-    bits: int
+    bits: int | None
     encoded: dict[str, Encoded]  # per weight tensor: its quantizer, codes and weight MSE
     sqnr_db: float | None
     per_function: list[dict]  # {"function", "sqnr_db", "mse"} for the per-model candidates
