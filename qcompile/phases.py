@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +171,10 @@ def search(state: CompileState) -> None:
     context.lut = choice.encoded
     stored = [w for w in weights if w.tensor in choice.encoded]  # --weights auto keeps some float
     state.lut_nodes = {w.node for w in stored}
-    context.plan.skipped = [s for s in context.plan.skipped if s.node not in state.lut_nodes]
+    kept_float = {w.node for w in weights} - state.lut_nodes
+    context.plan.skipped = [replace(s, reason="kept float by --weights auto (its format at the chosen point of "
+                                              "the bytes / SQNR front)") if s.node in kept_float else s
+                            for s in context.plan.skipped if s.node not in state.lut_nodes]
     layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
                "k": int(w.rows.shape[1]), "bits": choice.encoded[w.tensor].quantizer.bits,
                "quantizer": choice.encoded[w.tensor].quantizer.name,

@@ -1,8 +1,9 @@
 """Weight-only mixed precision (--weights auto): a lookup-table format per layer, chosen to reach a target
 output SQNR with the fewest bytes, or the best SQNR within a size budget.
 
-1. Candidates per layer: float (kept as it is), affine at 2..8 bits and free tables at 2..6 bits, per
-   output channel and per block of 32/64/128 columns where a row holds several blocks. A candidate that
+1. Candidates per layer: float (kept as it is), affine at 2..8 bits per output channel and per block of
+   32/64/128 columns where a row holds several blocks, free tables at 2..6 bits per output channel (per
+   block, a table was on no layer's hull of EfficientNet-Lite0: not fitted). A candidate that
    stores as many bytes as float or more is dropped (a depthwise row of 9 weights takes no per-channel
    table). Bytes are what the artifact stores: packed codes; affine scale and zero as float32 per row or
    block and its code grid; free tables as float16; 4 bytes per float weight.
@@ -26,7 +27,9 @@ Deterministic: fits, probe and tie-breaks (layer order) depend on the inputs onl
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +83,8 @@ class _Layer:
     def __init__(self, weight, statistics: LayerStatistics):
         self.weight, self.statistics = weight, statistics
         n, k = weight.rows.shape
-        formats = [Candidate(kind, bits, block) for kind, widths in (("affine", AFFINE_BITS), ("table", TABLE_BITS))
-                   for bits in widths for block in BLOCKS if block is None or (k % block == 0 and k > block)]
+        formats = [Candidate("affine", bits, block) for bits in AFFINE_BITS for block in BLOCKS
+                   if block is None or (k % block == 0 and k > block)] + [Candidate("table", bits) for bits in TABLE_BITS]
         self.candidates = [c for c in formats if c.stored_bytes(n, k) < 4 * n * k] + [FLOAT]
         self.bytes = np.array([c.stored_bytes(n, k) for c in self.candidates], np.float64)
         sample = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).round().astype(np.int64))
@@ -115,7 +118,8 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
     """The format of every weight (a list of LutWeight) for config.target_sqnr or config.size_budget:
     the chosen quantizers (float layers are left out) and the summary of the search (its front, per layer
     the chosen format, bytes and gain)."""
-    layers = [_Layer(w, (statistics or {}).get(w.tensor) or LayerStatistics()) for w in weights]
+    with ThreadPoolExecutor(config.workers or os.cpu_count()) as pool:  # NumPy and PyTorch release the GIL
+        layers = list(pool.map(lambda w: _Layer(w, (statistics or {}).get(w.tensor) or LayerStatistics()), weights))
     gains = [_gain(layer, probe) for layer in layers]
     hulls = [_hull(layer.bytes, gain * layer.errors) for layer, gain in zip(layers, gains)]
     # Every hull step, in order of predicted noise removed per byte (ties: layer order, then step order).
