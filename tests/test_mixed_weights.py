@@ -74,9 +74,9 @@ def test_a_target_is_reached_on_the_probe_with_the_cheapest_measured_point(cnn):
     artifact = compile_auto(cnn, target_sqnr=target)
     summary = artifact.manifest["lut_weights"]
     mixed = summary["mixed"]
-    assert summary["sqnr_db"] >= target and summary["bits"] is None
     chosen = mixed["front"][mixed["chosen_point"]]
-    assert chosen["measured_sqnr_db"] == summary["sqnr_db"]
+    assert chosen["measured_sqnr_db"] >= target and summary["bits"] is None  # nearest-entry codes
+    assert summary["sqnr_db"] >= target  # then GPTQ's codes for the Gemm and the 1x1 Conv
     reached = [p["bytes_fraction"] for p in mixed["front"] if (p["measured_sqnr_db"] or -np.inf) >= target]
     assert min(reached) == chosen["bytes_fraction"] == mixed["bytes_fraction"] < 1.0
     # The recorded SQNR is the artifact's own on the probe's calibration samples.
