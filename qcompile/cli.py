@@ -38,7 +38,8 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Artifact directory to write.")
 @click.option("--weights", default="int8", show_default=True,
               help="int8 | int4 (QDQ; int4 with --acts none or --block, and int2..int7: packed affine lookup-table "
-                   "weights) | nl | nlB (PTNQ non-linear B-bit) | table | tableB (free B-bit float16 tables) | none.")
+                   "weights) | nl | nlB (PTNQ non-linear B-bit) | table | tableB (free B-bit float16 tables) | none | "
+                   "auto (a format per layer, for --target-sqnr or --size-budget).")
 @click.option("--bits", help="Code width for --weights nl or table: B; for nl also LOW-HIGH to search widths "
                              "(with --target-sqnr).")
 @click.option("--block", type=int, help="Affine or free lookup tables: one table per block of this many inputs.")
@@ -46,7 +47,9 @@ def cli(settings: dict, debug: bool) -> None:
               help="Fit lookup-table weights to each layer's output error on --calib data, or to the weights alone.")
 @click.option("--target-sqnr", type=float,
               help="Output SQNR (dB) to reach. W8A8: node groups stay float until it holds (default 20; 0: none float). "
-                   "--weights nl --bits LOW-HIGH: the lowest width reaching it.")
+                   "--weights auto: with the fewest bytes. --weights nl --bits LOW-HIGH: the lowest width reaching it.")
+@click.option("--size-budget", type=float, help="--weights auto: the best output SQNR within this fraction of the float "
+                                                "weight bytes.")
 @click.option("--sqnr-floor", type=float, default=10.0, show_default=True,
               help="Warn (with --strict: exit 4, nothing written) when the held-out output SQNR falls below this.")
 @click.option("--strict", is_flag=True, help="An output below --sqnr-floor is an error (exit 4), not a warning.")
@@ -67,9 +70,9 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--no-residual", is_flag=True, help="Keep Adds of two activations (residual Adds) in float.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--explain", is_flag=True, help="Print what each pass found, or why a pattern did not match.")
-def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, sqnr_floor, strict, functions, lut_ops,
-            function_depth, select, executor, workers, acts, calib_method, percentile, no_attention, no_residual, force,
-            explain):
+def compile(model, calib, verify_data, output, weights, bits, block, fit, target_sqnr, size_budget, sqnr_floor, strict,
+            functions, lut_ops, function_depth, select, executor, workers, acts, calib_method, percentile, no_attention,
+            no_residual, force, explain):
     """Quantize MODEL (an .onnx file) and write an artifact directory."""
     from .artifact import check_output
     from .compiler import QCompileWarning, compile as compile_model
@@ -78,7 +81,7 @@ def compile(model, calib, verify_data, output, weights, bits, block, fit, target
     weights, bit_range = _weight_format(weights, bits, block, acts)
     config = QuantConfig(weights=weights, acts=acts, calib_method=calib_method, percentile=percentile,
                          quantize_attention=not no_attention, quantize_residual_adds=not no_residual, bits=bit_range,
-                         block=block, target_sqnr=target_sqnr, function_depth=function_depth,
+                         block=block, target_sqnr=target_sqnr, size_budget=size_budget, function_depth=function_depth,
                          functions=tuple(functions.split(",")) if functions else None, select=select,
                          **({"lut_ops": tuple(lut_ops.split(","))} if lut_ops else {}),
                          executor=executor, workers=workers, fit=fit, sqnr_floor=sqnr_floor, strict=strict)
@@ -95,6 +98,10 @@ def compile(model, calib, verify_data, output, weights, bits, block, fit, target
 def _weight_format(text: str, bits: str | None, block: int | None, acts: str) -> tuple[str, tuple[int, int]]:
     """--weights and --bits -> (QuantConfig.weights, bits)."""
     bit_range = _bit_range(bits) if bits else None
+    if text == "auto":
+        if bits:
+            raise QCompileError("--weights auto chooses the bits of every layer: drop --bits")
+        return text, (4, 4)
     if text in ("int8", "int4", "none") and block is None and (text != "int4" or acts != "none"):
         if bits:
             raise QCompileError(f"--bits applies to lookup-table weights (nl, table, int2..int7), not --weights {text}")
@@ -107,7 +114,8 @@ def _weight_format(text: str, bits: str | None, block: int | None, acts: str) ->
             if bit_range not in (None, (width, width)):
                 raise QCompileError(f"--weights {text} already sets {width} bits; --bits {bits} disagrees")
             return kind, (width, width)
-    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB, table, tableB or none (B = 2..8); got {text!r}")
+    raise QCompileError(f"--weights must be int8, int4, intB, nl, nlB, table, tableB, none or auto (B = 2..8); "
+                        f"got {text!r}")
 
 
 def _bit_range(text: str) -> tuple[int, int]:
@@ -232,8 +240,13 @@ def _print_summary(manifest: dict, output: Path) -> None:
     if lut_weights:
         used = sorted({layer["quantizer"] for layer in lut_weights["layers"]})
         sqnr = "" if lut_weights["sqnr_db"] is None else f"; output SQNR on calibration data {lut_weights['sqnr_db']:.2f} dB"
-        click.echo(f"  {len(lut_weights['layers'])} weights as packed {lut_weights['bits']}-bit lookup tables "
+        width = "mixed-width" if lut_weights["bits"] is None else f"{lut_weights['bits']}-bit"
+        click.echo(f"  {len(lut_weights['layers'])} weights as packed {width} lookup tables "
                    f"({', '.join(used)}), fitted to {lut_weights['fit']}{sqnr}")
+        if "mixed" in lut_weights:
+            mixed = lut_weights["mixed"]
+            click.echo(f"  --weights auto: {mixed['bytes_fraction']:.4f} of the float weight bytes, "
+                       f"{mixed['kept_float']} weights kept float")
     search = manifest["float_search"]
     if search and search["floated"]:
         click.echo(f"kept {len(search['floated'])} node groups float to reach --target-sqnr {search['target_db']:g} "

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from .errors import QCompileError
 
-WEIGHT_FORMATS = ("int8", "int4", "none", "nl", "affine", "table")
-LUT_WEIGHT_FORMATS = ("nl", "affine", "table")  # packed codes read through lookup tables (qcompile custom ops)
+WEIGHT_FORMATS = ("int8", "int4", "none", "nl", "affine", "table", "auto")
+LUT_WEIGHT_FORMATS = ("nl", "affine", "table", "auto")  # packed codes read through lookup tables (qcompile custom ops)
 FITS = ("output", "weight")
 LUT_BITS = range(2, 9)
 SELECTIONS = ("layer", "model")
@@ -30,10 +30,11 @@ class QuantConfig:
         are QDQ formats. Lookup-table formats (packed codes, qcompile's custom ops): "nl" = PTNQ
         non-linear functions (seed 003), "affine" = MSE-optimal asymmetric affine, "table" = 2^B free
         values fitted by k-means and stored as float16 (SqueezeLLM); affine and table per output
-        channel or per block of `block` columns.
+        channel or per block of `block` columns. "auto" = a format per layer (float, affine or table, at
+        its own width and block; qcompile.lut.mixed) for `target_sqnr` or `size_budget`.
     fit: "output" = fit lookup-table weights to the layer's output error on calibration inputs (GPTQ
-        error feedback when choosing the codes of MatMul/Gemm weights; affine and table fits of Conv
-        weights weighted by their input channel's sqrt(E[x_c^2])); "weight" = minimise each weight's
+        error feedback when choosing the codes of MatMul/Gemm and 1x1 Conv weights; affine and table fits
+        of other Conv weights weighted by their input channel's sqrt(E[x_c^2])); "weight" = minimise each weight's
         own error. "output" needs
         calibration data and falls back to "weight" without it.
     bits: (lowest, highest) code width for "nl" / "affine" / "table" (an int B means (B, B)); with a range, "nl" searches from the
@@ -41,7 +42,10 @@ class QuantConfig:
     block: affine or table block size along the input dimension (None: per output channel).
     target_sqnr: output SQNR (dB) to reach. W8A8: the fewest, cheapest node groups stay float until it
         holds on calibration and held-out samples (default W8A8_TARGET_SQNR; 0 keeps every group
-        integer). nl with a bit range: the bit-width search's target, on calibration data.
+        integer). "auto": the per-layer formats with the fewest bytes reaching it. "nl" with a bit
+        range: the bit-width search's target. Both on calibration data.
+    size_budget: for "auto": the stored weight bytes allowed, as a fraction of the float weights' bytes;
+        the search takes the best output SQNR within it.
     function_depth: PTNQ pool depth: 0 = the primitives, 1 = also their compositions f(g(x)).
     functions: search only these pool functions (names as in qcompile.lut.functions; None: the whole pool).
     lut_ops: which ops' weights become lookup tables (Gather: embedding tables).
@@ -74,6 +78,7 @@ class QuantConfig:
     bits: tuple[int, int] = (4, 4)
     block: int | None = None
     target_sqnr: float | None = None
+    size_budget: float | None = None
     function_depth: int = 0
     functions: tuple[str, ...] | None = None
     lut_ops: tuple[str, ...] = LUT_OPS
@@ -99,9 +104,16 @@ class QuantConfig:
         if low not in LUT_BITS or high not in LUT_BITS or low > high:
             raise QCompileError(f"bits must be a range within 2..8 (like 4 or 4-8), got {low}-{high}")
         w8a8 = self.acts == "int8" and not self.lut_weights
-        if self.target_sqnr is not None and not (w8a8 or (self.weights == "nl" and low < high)):
+        if self.target_sqnr is not None and not (w8a8 or self.weights == "auto" or (self.weights == "nl" and low < high)):
             raise QCompileError("--target-sqnr needs --acts int8 with int8/int4/none weights (node groups kept float until "
-                                "it holds) or --weights nl --bits LOW-HIGH (the bit-width search)")
+                                "it holds), --weights auto, or --weights nl --bits LOW-HIGH (the bit-width search)")
+        if self.weights == "auto":
+            if (self.target_sqnr is None) == (self.size_budget is None):
+                raise QCompileError("--weights auto needs exactly one of --target-sqnr DB and --size-budget FRACTION")
+            if self.acts != "none":
+                raise QCompileError("--weights auto chooses weight formats against the float model: it needs --acts none")
+        if self.size_budget is not None and (self.weights != "auto" or not 0.0 < self.size_budget <= 1.0):
+            raise QCompileError(f"--size-budget needs --weights auto and a fraction in (0, 1], got {self.size_budget}")
         if self.weights in ("affine", "table") and low != high:
             raise QCompileError(f"a bit-width search (--bits LOW-HIGH) needs --weights nl, not {self.weights}")
         if self.block is not None and (self.weights not in ("affine", "table") or self.block < 1):

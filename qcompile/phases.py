@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ from .data import InputSpec, batched, iterate_feeds, model_input_specs, split_ho
 from .deployed import DeployedKernels, deployed_session
 from .errors import BelowFloorError, QCompileError, first_line
 from .graph import load_model
+from .lut import DOMAIN as LUT_DOMAIN, mixed as lut_mixed, search as lut_search, tables as lut_tables
 from .numerics import decibels
-from .lut import DOMAIN as LUT_DOMAIN, search as lut_search, tables as lut_tables
 from .passes import (DequantizeAfterGather, FoldClippedSoftmax, FoldConvAffine, FuseHardSwish, InsertLutWeights,
                      InsertQDQ, MergeGateProjection, NormalizeGraph, PlanW8A8, SumBeforeLayerNorm)
 from .passes.insert_lut_weights import find_lut_weights
@@ -113,8 +113,9 @@ def plan(state: CompileState) -> None:
         if not find_lut_weights(state.context.graph, state.config.lut_ops):
             raise QCompileError(f"the model has no constant {'/'.join(state.config.lut_ops)} weight to store as "
                                 "lookup tables; --weights int8 --acts int8 quantizes its activations")
-        if state.calib is None and state.config.target_sqnr is not None:
-            raise QCompileError("--target-sqnr is measured on calibration data: give --calib")
+        if state.calib is None and (state.config.target_sqnr is not None or state.config.weights == "auto"):
+            raise QCompileError(f"{'--weights auto' if state.config.weights == 'auto' else '--target-sqnr'} "
+                                "measures output SQNR on calibration data: give --calib")
 
 
 def calibrate(state: CompileState) -> None:
@@ -233,46 +234,64 @@ def search(state: CompileState) -> None:
         probe = lut_search.SqnrProbe(state.reference, {w.tensor: w.to_original(w.rows) for w in weights},
                                      _probe_feeds(state, _reiterable(state)))
     statistics = _layer_statistics(state, weights)
-    choice, tried = lut_search.choose(weights, config, probe, statistics)
-    fit = "output error (GPTQ codes for MatMul/Gemm, weighted fits for Conv)" if statistics else "weight error"
+    if config.weights == "auto":
+        choice, mixed = lut_mixed.choose_mixed(weights, config, probe, statistics)
+        tried = []
+    else:
+        choice, tried = lut_search.choose(weights, config, probe, statistics)
+    fit = "output error (GPTQ codes for MatMul/Gemm and 1x1 Conv, weighted fits for other Conv)" if statistics \
+        else "weight error"
     context.lut = choice.encoded
-    state.lut_nodes = {w.node for w in weights}
-    context.plan.skipped = [s for s in context.plan.skipped if s.node not in state.lut_nodes]
+    stored = [w for w in weights if w.tensor in choice.encoded]  # --weights auto keeps some float
+    state.lut_nodes = {w.node for w in stored}
+    kept_float = {w.node for w in weights} - state.lut_nodes
+    context.plan.skipped = [replace(s, reason="kept float by --weights auto (its format at the chosen point of "
+                                              "the bytes / SQNR front)") if s.node in kept_float else s
+                            for s in context.plan.skipped if s.node not in state.lut_nodes]
     layers = [{"tensor": w.tensor, "node": w.node, "op_type": w.op, "rows": int(w.rows.shape[0]),
-               "k": int(w.rows.shape[1]), "bits": choice.bits, "quantizer": choice.encoded[w.tensor].quantizer.name,
+               "k": int(w.rows.shape[1]), "bits": choice.encoded[w.tensor].quantizer.bits,
+               "quantizer": choice.encoded[w.tensor].quantizer.name,
                "blocks": int(choice.encoded[w.tensor].quantizer.table.shape[1]), "mse": choice.encoded[w.tensor].mse}
-              for w in weights]
+              for w in stored]
     state.lut_summary = {"format": config.weights, "bits": choice.bits, "sqnr_db": choice.sqnr_db, "fit": fit,
                          "scored_by": "output SQNR on calibration data" if probe else "weight MSE (no --calib)",
                          "tried": [{"bits": c.bits, "sqnr_db": c.sqnr_db, "per_function": c.per_function}
                                    for c in tried],
                          "layers": layers}
+    figures = ()
+    if config.weights == "auto":
+        state.lut_summary["mixed"] = mixed
+        figures = (report.front_figure(mixed),)
     samples = []
-    for w in weights[:: max(1, len(weights) // 4)][:4]:  # a few layers, spread over the model
+    for w in stored[:: max(1, len(stored) // 4)][:4]:  # a few layers, spread over the model
         row = int(np.abs(w.rows).max(axis=1).argmax())  # the row with the widest range
         encoded = choice.encoded[w.tensor]
         values = encoded.quantizer.dequantize(encoded.codes[row:row + 1])[0]
         samples.append((f"{w.tensor} row {row} ({encoded.quantizer.name})", w.rows[row], values))
-    state.figures = (report.sorted_weights_figure(samples),)
+    state.figures = figures + ((report.sorted_weights_figure(samples),) if samples else ())
 
 
 def _layer_statistics(state: CompileState, weights) -> dict[str, lut_tables.LayerStatistics]:
     """Output-aware fitting's statistics of each lookup-table weight's input, from one streaming pass
-    over the calibration data: E[x^T x] of MatMul/Gemm inputs (up to GPTQ_MAX_INPUTS wide), E[x_c^2] of
-    Conv inputs. Empty for --fit weight or without calibration data."""
+    over the calibration data: E[x^T x] of MatMul/Gemm inputs and of 1x1 Conv input channels (up to
+    GPTQ_MAX_INPUTS wide), E[x_c^2] of other Conv inputs. Empty for --fit weight or without calibration data."""
     if state.config.fit != "output" or state.calib is None:
         return {}
     nodes = {node.name: node for node in state.context.graph.nodes}
-    layer_input, full = {}, {}  # weight -> its input; input -> K x K (True) or per channel (False)
+    layer_input, axes = {}, {}  # weight -> its input; input -> the axis of its K x K moments (None: per channel)
     for w in weights:
-        name, square = nodes[w.node].inputs[0].name, w.op != "Conv"
-        if w.op == "Gather" or (square and w.rows.shape[1] > lut_tables.GPTQ_MAX_INPUTS) or full.get(name, square) != square:
+        node = nodes[w.node]
+        # A 1x1 Conv of one group is a MatMul over the channels at each pixel (a strided one reads some of them).
+        pointwise = w.op == "Conv" and node.attrs.get("group", 1) == 1 and all(size == 1 for size in w.shape[2:])
+        name, axis = node.inputs[0].name, (1 if pointwise else None) if w.op == "Conv" else -1
+        if w.op == "Gather" or (axis is not None and w.rows.shape[1] > lut_tables.GPTQ_MAX_INPUTS) \
+                or axes.get(name, axis) != axis:
             continue
-        layer_input[w.tensor], full[name] = name, square
-    if not full:
+        layer_input[w.tensor], axes[name] = name, axis
+    if not axes:
         return {}
     moments = calibration.collect_input_moments(
-        state.reference, full, batched(_reiterable(state), state.inputs, state.config.calib_batch_size),
+        state.reference, axes, batched(_reiterable(state), state.inputs, state.config.calib_batch_size),
         threads=DETERMINISTIC_THREADS)
     return {w.tensor: lut_tables.layer_statistics(w, moments[layer_input[w.tensor]]) for w in weights
             if w.tensor in layer_input}

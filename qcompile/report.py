@@ -79,12 +79,20 @@ def render_qat(manifest: dict) -> str:
 
 def _lut_section(summary: dict, figures: tuple[str, ...]) -> list[str]:
     sqnr = "" if summary["sqnr_db"] is None else f", output SQNR {summary['sqnr_db']:.2f} dB"
-    parts = [f"<h2>Lookup-table weights: {html.escape(summary['format'])}, {summary['bits']} bits{sqnr}</h2>",
+    width = "a width per layer" if summary["bits"] is None else f"{summary['bits']} bits"
+    parts = [f"<h2>Lookup-table weights: {html.escape(summary['format'])}, {width}{sqnr}</h2>",
              f"<p>Fitted to {html.escape(summary['fit'])}; candidates scored by {html.escape(summary['scored_by'])}.</p>"]
     tried = [[t["bits"], f["function"], f["sqnr_db"], f["mse"]] for t in summary["tried"] for f in t["per_function"]]
     if tried:
         parts.append("<h3>Every function, one per model</h3>")
         parts.append(table(["bits", "function", "output SQNR (dB)", "mean weight MSE"], tried))
+    mixed = summary.get("mixed")
+    if mixed:
+        parts.append(f"<h3>Formats per layer: {mixed['bytes_fraction']:.4f} of the float weight bytes "
+                     f"({mixed['bytes']} of {mixed['float_bytes']}), {mixed['kept_float']} weights kept float</h3>")
+        parts.append(table(["tensor", "op", "format", "bytes", "gain (output noise per layer error)"],
+                           [[c["tensor"], c["op_type"], c["format"], c["bytes"], f"{c['gain']:.3g}"]
+                            for c in mixed["choices"]]))
     parts.append("<h3>Chosen per layer</h3>")
     parts.append(table(["tensor", "op", "rows x k", "bits", "quantizer", "tables per row", "weight MSE"],
                        [[l["tensor"], l["op_type"], f"{l['rows']} x {l['k']}", l["bits"], l["quantizer"],
@@ -145,6 +153,27 @@ def sorted_weights_figure(samples: list[tuple[str, np.ndarray, np.ndarray]]) -> 
         axis.set_xlabel("rank")
     axes[0][0].legend(fontsize=7)
     figure.suptitle("One row per layer: sorted weights and the fitted quantizer's values", fontsize=9)
+    figure.tight_layout()
+    return svg(figure)
+
+
+def front_figure(mixed: dict) -> str:
+    """--weights auto: the front the search walked, stored bytes against predicted and measured output SQNR."""
+    front = [p for p in mixed["front"] if np.isfinite(p["predicted_sqnr_db"])]  # all float: infinite
+    measured = [p for p in mixed["front"] if p["measured_sqnr_db"] is not None and np.isfinite(p["measured_sqnr_db"])]
+    chosen = mixed["front"][mixed["chosen_point"]]
+    figure, axes = plt.subplots(figsize=(6, 3.2))
+    axes.plot([p["bytes_fraction"] for p in front], [p["predicted_sqnr_db"] for p in front], color="#999999",
+              label="predicted (additive noise)")
+    axes.scatter([p["bytes_fraction"] for p in measured], [p["measured_sqnr_db"] for p in measured], color="#3b6ea5",
+                 label="measured")
+    if np.isfinite(chosen["measured_sqnr_db"]):
+        axes.scatter([chosen["bytes_fraction"]], [chosen["measured_sqnr_db"]], marker="*", s=150, color="#c0392b",
+                     label="chosen")
+    axes.set_xlabel("stored bytes / float weight bytes")
+    axes.set_ylabel("output SQNR (dB)")
+    axes.set_title("--weights auto: the front of per-layer formats, on calibration data")
+    axes.legend(fontsize=7)
     figure.tight_layout()
     return svg(figure)
 

@@ -10,7 +10,7 @@ With a bit range, widths go from high to low; a function whose SQNR misses the t
 width is pruned from the lower ones, and the lowest width that reaches the target is kept.
 Affine and free tables ("table", k-means): one quantizer per weight, no search.
 With calibration data, fitting is output-aware (qcompile.lut.tables): GPTQ codes for MatMul/Gemm
-weights, importance-weighted affine and table fits for Conv weights.
+and 1x1 Conv weights, importance-weighted affine and table fits for other Conv weights.
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ class SqnrProbe:
 
 @dataclass
 class Choice:
-    """The quantizers chosen at one bit width, and how they scored."""
+    """The quantizers chosen at one bit width (None: a width per layer, --weights auto), and how they scored."""
 
-    bits: int
+    bits: int | None
     encoded: dict[str, Encoded]  # per weight tensor: its quantizer, codes and weight MSE
     sqnr_db: float | None
     per_function: list[dict]  # {"function", "sqnr_db", "mse"} for the per-model candidates
