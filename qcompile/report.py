@@ -158,18 +158,17 @@ def sorted_weights_figure(samples: list[tuple[str, np.ndarray, np.ndarray]]) -> 
 
 
 def front_figure(mixed: dict) -> str:
-    """--weights auto: the front the search walked, stored bytes against predicted and measured output SQNR."""
-    front = [p for p in mixed["front"] if np.isfinite(p["predicted_sqnr_db"])]  # all float: infinite
-    measured = [p for p in mixed["front"] if p["measured_sqnr_db"] is not None and np.isfinite(p["measured_sqnr_db"])]
-    chosen = mixed["front"][mixed["chosen_point"]]
+    """--weights auto: the front the search walked, stored bytes against predicted and measured output SQNR
+    (an infinite SQNR, stored as "inf", is left out)."""
+    points = mixed["front"] + ([mixed["detour"]] if mixed["detour"] else [])
+    front = [p for p in mixed["front"] if isinstance(p["predicted_sqnr_db"], float)]
+    measured = [p for p in points if isinstance(p["measured_sqnr_db"], float)]
     figure, axes = plt.subplots(figsize=(6, 3.2))
     axes.plot([p["bytes_fraction"] for p in front], [p["predicted_sqnr_db"] for p in front], color="#999999",
               label="predicted (additive noise)")
     axes.scatter([p["bytes_fraction"] for p in measured], [p["measured_sqnr_db"] for p in measured], color="#3b6ea5",
-                 label="measured")
-    if np.isfinite(chosen["measured_sqnr_db"]):
-        axes.scatter([chosen["bytes_fraction"]], [chosen["measured_sqnr_db"]], marker="*", s=150, color="#c0392b",
-                     label="chosen")
+                 label="measured (nearest-entry codes)")
+    axes.axvline(mixed["bytes_fraction"], color="#c0392b", linewidth=1, label="chosen")
     axes.set_xlabel("stored bytes / float weight bytes")
     axes.set_ylabel("output SQNR (dB)")
     axes.set_title("--weights auto: the front of per-layer formats, on calibration data")

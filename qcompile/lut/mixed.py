@@ -23,6 +23,11 @@ output SQNR with the fewest bytes, or the best SQNR within a size budget.
    to ROUNDS rounds, bracketing the cheapest point measured to reach the target. If none did, bisection
    between the last point that missed and the all-float end, which reaches any target: the search always
    succeeds, keeping layers float where it must.
+   Front points are far apart where one step is big (a large layer going float: 0.7% of EfficientNet-Lite0's
+   bytes and 1.3 dB at once). A detour takes the later steps of the other layers instead (`_detour`): for a
+   budget, from its point, every later step that still fits; for a target, from the point before the one
+   reached, the later steps until the predicted noise of that point, for fewer bytes. Measured, it is kept
+   where it does better (a budget) or also reaches the target (a target).
 6. Points are measured with nearest-entry codes; the chosen quantizers then get GPTQ's codes where H is
    known (as lut.search.choose does), and the output SQNR recorded is the artifact's. GPTQ gains more on
    the calibration data it saw than on held-out data (EfficientNet-Lite0 5-bit tables: +4.5 dB against
@@ -41,6 +46,7 @@ import numpy as np
 from ..config import QuantConfig
 from ..errors import QCompileError
 from ..numerics import decibels
+from ..verify import _rounded
 from .packing import packed_row_bytes
 from .ptnq import Quantizer, affine_quantizer
 from .search import Choice, Encoded, SqnrProbe
@@ -135,36 +141,58 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
     steps.sort(key=lambda s: (-s[0], s[1], s[2]))
     order = [index for _, index, _ in steps]
     float_bytes = float(sum(layer.bytes[-1] for layer in layers))
-    total_bytes = np.cumsum([sum(layer.bytes[hull[0]] for layer, hull in zip(layers, hulls))]
-                            + [layers[i].bytes[hulls[i][s + 1]] - layers[i].bytes[hulls[i][s]] for _, i, s in steps])
-    total_noise = np.cumsum([sum(g * layer.errors[hull[0]] for layer, g, hull in zip(layers, gains, hulls))]
-                            + [gains[i] * (layers[i].errors[hulls[i][s + 1]] - layers[i].errors[hulls[i][s]])
-                               for _, i, s in steps])
+    step_bytes = np.array([layers[i].bytes[hulls[i][s + 1]] - layers[i].bytes[hulls[i][s]] for _, i, s in steps])
+    step_noise = np.array([gains[i] * (layers[i].errors[hulls[i][s + 1]] - layers[i].errors[hulls[i][s]])
+                           for _, i, s in steps])
+    total_bytes = np.cumsum([sum(layer.bytes[hull[0]] for layer, hull in zip(layers, hulls)), *step_bytes])
+    total_noise = np.cumsum([sum(g * layer.errors[hull[0]] for layer, g, hull in zip(layers, gains, hulls)), *step_noise])
     total_noise = np.maximum(total_noise, 0.0)  # the all-float end is 0, up to rounding
     predicted = np.array([decibels(probe.signal, noise) for noise in total_noise])
 
-    def assignment(point: int) -> list[Candidate]:
-        moved = Counter(order[:point])
+    def assignment(moves) -> list[Candidate]:
+        moved = Counter(order[m] for m in moves)
         return [layer.candidates[hull[moved[i]]] for i, (layer, hull) in enumerate(zip(layers, hulls))]
+
+    def measure(moves) -> float:
+        return probe({layer.weight.tensor: layer.encode(c, gptq=False).weight(layer.weight)
+                      for layer, c in zip(layers, assignment(moves)) if c is not FLOAT})
 
     measured: dict[int, float] = {}
 
-    def measure(point: int) -> float:
+    def measure_point(point: int) -> float:
         if point not in measured:
-            measured[point] = probe({layer.weight.tensor: layer.encode(c, gptq=False).weight(layer.weight)
-                                     for layer, c in zip(layers, assignment(point)) if c is not FLOAT})
+            measured[point] = measure(range(point))
         return measured[point]
 
     if config.size_budget is not None:
-        within = np.flatnonzero(total_bytes <= config.size_budget * float_bytes)
+        budget = config.size_budget * float_bytes
+        within = np.flatnonzero(total_bytes <= budget)
         if not within.size:
             raise QCompileError(f"--size-budget {config.size_budget:g} is below the smallest size the formats reach: "
                                 f"{total_bytes[0] / float_bytes:.4f} of the float weight bytes")
         point = int(within[-1])
-        measure(point)
+        measure_point(point)
+        detour = _detour(order, step_bytes, step_noise, point, total_bytes[point], total_noise[point], budget, 0.0)
     else:
-        point = _reach(config.target_sqnr, predicted, measure)
-    chosen = assignment(point)
+        point = _reach(config.target_sqnr, predicted, measure_point)
+        detour = None
+        if measured.get(point - 1, np.inf) < config.target_sqnr:  # the last step may be a big one: look for smaller
+            detour = _detour(order, step_bytes, step_noise, point - 1, total_bytes[point - 1], total_noise[point - 1],
+                             total_bytes[point] - 1, total_noise[point])
+    moves, chosen_bytes, chosen_noise = range(point), total_bytes[point], total_noise[point]
+    detour_record = None
+    if detour is not None:
+        steps_taken, size, noise = detour
+        budgeted = config.size_budget is not None
+        if (len(steps_taken) > point) if budgeted else (noise <= total_noise[point]):
+            detour_sqnr = measure(steps_taken)
+            better = detour_sqnr > measured[point] if budgeted else detour_sqnr >= config.target_sqnr
+            if better:
+                moves, chosen_bytes, chosen_noise = steps_taken, size, noise
+            detour_record = {"bytes_fraction": float(size / float_bytes),
+                             "predicted_sqnr_db": _rounded(decibels(probe.signal, noise)),
+                             "measured_sqnr_db": _rounded(detour_sqnr), "chosen": better}
+    chosen = assignment(moves)
     encoded = {layer.weight.tensor: layer.encode(c, gptq=True) for layer, c in zip(layers, chosen) if c is not FLOAT}
     sqnr = probe({layer.weight.tensor: encoded[layer.weight.tensor].weight(layer.weight) for layer in layers
                   if layer.weight.tensor in encoded})
@@ -172,12 +200,14 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
     summary = {
         "goal": ({"target_sqnr_db": config.target_sqnr} if config.size_budget is None
                  else {"size_budget": config.size_budget}),
-        "float_bytes": int(float_bytes), "bytes": int(total_bytes[point]),
-        "bytes_fraction": float(total_bytes[point] / float_bytes), "predicted_sqnr_db": float(predicted[point]),
+        "float_bytes": int(float_bytes), "bytes": int(chosen_bytes),
+        "bytes_fraction": float(chosen_bytes / float_bytes), "predicted_sqnr_db": _rounded(decibels(probe.signal, chosen_noise)),
         "kept_float": kept_float,
-        "front": [{"bytes_fraction": float(b / float_bytes), "predicted_sqnr_db": float(p),
-                   "measured_sqnr_db": measured.get(j)} for j, (b, p) in enumerate(zip(total_bytes, predicted))],
-        "chosen_point": point,
+        "front": [{"bytes_fraction": float(b / float_bytes), "predicted_sqnr_db": _rounded(p),
+                   "measured_sqnr_db": None if j not in measured else _rounded(measured[j])}
+                  for j, (b, p) in enumerate(zip(total_bytes, predicted))],
+        "front_point": point,
+        "detour": detour_record,
         "choices": [{"tensor": layer.weight.tensor, "op_type": layer.weight.op, "format": c.name,
                      "bits": c.bits, "bytes": int(c.stored_bytes(*layer.weight.rows.shape)), "gain": float(gain)}
                     for layer, c, gain in zip(layers, chosen, gains)],
@@ -207,6 +237,24 @@ def _hull(costs: np.ndarray, noise: np.ndarray) -> list[int]:
             hull.pop()
         hull.append(int(i))
     return hull
+
+
+def _detour(order: list[int], step_bytes: np.ndarray, step_noise: np.ndarray, point: int, start_bytes: float,
+            start_noise: float, max_bytes: float, max_noise: float) -> tuple[list[int], float, float]:
+    """From front point `point`, the later steps in front order that keep the bytes within max_bytes, until the
+    predicted noise is at most max_noise: (steps taken, bytes, noise). A layer whose step is left out takes
+    none of its later ones (its hull order). This fills a budget the next front step overshoots, or reaches
+    a target's noise without a big last step (a large layer going float)."""
+    taken, size, noise, blocked = list(range(point)), start_bytes, start_noise, set()
+    for step in range(point, len(order)):
+        if noise <= max_noise:
+            break
+        if order[step] in blocked or size + step_bytes[step] > max_bytes:
+            blocked.add(order[step])
+            continue
+        taken.append(step)
+        size, noise = size + step_bytes[step], noise + step_noise[step]
+    return taken, size, noise
 
 
 def _reach(target: float, predicted: np.ndarray, measure) -> int:
