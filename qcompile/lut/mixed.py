@@ -45,8 +45,7 @@ import numpy as np
 
 from ..config import QuantConfig
 from ..errors import QCompileError
-from ..numerics import decibels
-from ..verify import _rounded
+from ..numerics import decibels, json_number
 from .packing import packed_row_bytes
 from .ptnq import Quantizer, affine_quantizer
 from .search import Choice, Encoded, SqnrProbe
@@ -190,8 +189,8 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
             if better:
                 moves, chosen_bytes, chosen_noise = steps_taken, size, noise
             detour_record = {"bytes_fraction": float(size / float_bytes),
-                             "predicted_sqnr_db": _rounded(decibels(probe.signal, noise)),
-                             "measured_sqnr_db": _rounded(detour_sqnr), "chosen": better}
+                             "predicted_sqnr_db": json_number(decibels(probe.signal, noise)),
+                             "measured_sqnr_db": json_number(detour_sqnr), "chosen": better}
     chosen = assignment(moves)
     encoded = {layer.weight.tensor: layer.encode(c, gptq=True) for layer, c in zip(layers, chosen) if c is not FLOAT}
     sqnr = probe({layer.weight.tensor: encoded[layer.weight.tensor].weight(layer.weight) for layer in layers
@@ -201,10 +200,10 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
         "goal": ({"target_sqnr_db": config.target_sqnr} if config.size_budget is None
                  else {"size_budget": config.size_budget}),
         "float_bytes": int(float_bytes), "bytes": int(chosen_bytes),
-        "bytes_fraction": float(chosen_bytes / float_bytes), "predicted_sqnr_db": _rounded(decibels(probe.signal, chosen_noise)),
+        "bytes_fraction": float(chosen_bytes / float_bytes), "predicted_sqnr_db": json_number(decibels(probe.signal, chosen_noise)),
         "kept_float": kept_float,
-        "front": [{"bytes_fraction": float(b / float_bytes), "predicted_sqnr_db": _rounded(p),
-                   "measured_sqnr_db": None if j not in measured else _rounded(measured[j])}
+        "front": [{"bytes_fraction": float(b / float_bytes), "predicted_sqnr_db": json_number(p),
+                   "measured_sqnr_db": None if j not in measured else json_number(measured[j])}
                   for j, (b, p) in enumerate(zip(total_bytes, predicted))],
         "front_point": point,
         "detour": detour_record,
