@@ -26,8 +26,8 @@ output SQNR with the fewest bytes, or the best SQNR within a size budget.
    Front points are far apart where one step is big (a large layer going float: 0.7% of EfficientNet-Lite0's
    bytes and 1.3 dB at once). A detour takes the later steps of the other layers instead (`_detour`): for a
    budget, from its point, every later step that still fits; for a target, from the point before the one
-   reached, the later steps until the predicted noise of that point, for fewer bytes. Measured, it is kept
-   where it does better (a budget) or also reaches the target (a target).
+   reached, later steps for fewer bytes until that point's measured shortfall is made up on the predicted
+   SQNR. Measured, it is kept where it does better (a budget) or also reaches the target (a target).
 6. Points are measured with nearest-entry codes; the chosen quantizers then get GPTQ's codes where H is
    known (as lut.search.choose does), and the output SQNR recorded is the artifact's. GPTQ gains more on
    the calibration data it saw than on held-out data (EfficientNet-Lite0 5-bit tables: +4.5 dB against
@@ -173,25 +173,28 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
         point = int(within[-1])
         measure_point(point)
         detour = _detour(order, step_bytes, step_noise, point, total_bytes[point], total_noise[point], budget, 0.0)
+        worth = len(detour[0]) > point  # a step of another layer fits
     else:
         point = _reach(config.target_sqnr, predicted, measure_point)
-        detour = None
-        if measured.get(point - 1, np.inf) < config.target_sqnr:  # the last step may be a big one: look for smaller
+        detour, worth = None, False
+        if measured.get(point - 1, np.inf) < config.target_sqnr:  # the last step may be bigger than needed
+            aim = predicted[point - 1] + config.target_sqnr - measured[point - 1]  # its shortfall, as in _reach
+            aim_noise = probe.signal / 10.0 ** (aim / 10.0)
             detour = _detour(order, step_bytes, step_noise, point - 1, total_bytes[point - 1], total_noise[point - 1],
-                             total_bytes[point] - 1, total_noise[point])
+                             total_bytes[point] - 1, aim_noise)
+            worth = detour[2] <= aim_noise
     moves, chosen_bytes, chosen_noise = range(point), total_bytes[point], total_noise[point]
     detour_record = None
-    if detour is not None:
+    if worth:
         steps_taken, size, noise = detour
         budgeted = config.size_budget is not None
-        if (len(steps_taken) > point) if budgeted else (noise <= total_noise[point]):
-            detour_sqnr = measure(steps_taken)
-            better = detour_sqnr > measured[point] if budgeted else detour_sqnr >= config.target_sqnr
-            if better:
-                moves, chosen_bytes, chosen_noise = steps_taken, size, noise
-            detour_record = {"bytes_fraction": float(size / float_bytes),
-                             "predicted_sqnr_db": _rounded(decibels(probe.signal, noise)),
-                             "measured_sqnr_db": _rounded(detour_sqnr), "chosen": better}
+        detour_sqnr = measure(steps_taken)
+        better = detour_sqnr > measured[point] if budgeted else detour_sqnr >= config.target_sqnr
+        if better:
+            moves, chosen_bytes, chosen_noise = steps_taken, size, noise
+        detour_record = {"bytes_fraction": float(size / float_bytes),
+                         "predicted_sqnr_db": _rounded(decibels(probe.signal, noise)),
+                         "measured_sqnr_db": _rounded(detour_sqnr), "chosen": better}
     chosen = assignment(moves)
     encoded = {layer.weight.tensor: layer.encode(c, gptq=True) for layer, c in zip(layers, chosen) if c is not FLOAT}
     sqnr = probe({layer.weight.tensor: encoded[layer.weight.tensor].weight(layer.weight) for layer in layers
