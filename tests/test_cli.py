@@ -112,7 +112,7 @@ def test_compile_then_run(tiny_bert, tmp_path):
 def test_export_unknown_model_and_bad_choice(tmp_path):
     assert_user_error(qcompile("export", "resnet-9000", "-o", tmp_path / "m.onnx"), "unknown model 'resnet-9000'")
     assert_user_error(qcompile("compile", "m.onnx", "-o", tmp_path / "o", "--weights", "fp8"),
-                      "--weights must be int8, int4, intB, nl, nlB, table, tableB or none")
+                      "--weights must be int8, int4, intB, nl, nlB, table, tableB, none or auto")
     assert_user_error(qcompile("compile", "m.onnx", "-o", tmp_path / "o", "--weights", "int9"),
                       "bits must be a range within 2..8")
 
