@@ -126,3 +126,23 @@ def test_a_budget_below_every_format_and_missing_data_are_clear_errors(cnn):
     assert _weight_format("auto", None, None, "none") == ("auto", (4, 4))
     with pytest.raises(qcompile.QCompileError, match="drop --bits"):
         _weight_format("auto", "4", None, "none")
+
+
+def test_the_command_line_compiles_to_a_budget_and_refuses_a_missing_goal(tiny_bert, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def qcompile_cli(*args):
+        return subprocess.run([sys.executable, "-m", "qcompile", "compile", tiny_bert["model"], "--calib", tiny_bert["calib"],
+                               "--acts", "none", "--weights", "auto", "--workers", "1", *map(str, args)],
+                              capture_output=True, text=True)
+
+    result = qcompile_cli("-o", tmp_path / "out", "--size-budget", "0.2")
+    assert result.returncode == 0, result.stderr
+    mixed = json.loads((tmp_path / "out" / "manifest.json").read_text())["lut_weights"]["mixed"]
+    assert mixed["bytes"] <= 0.2 * mixed["float_bytes"]
+    assert "mixed-width lookup tables" in result.stdout
+    assert f"--weights auto: {mixed['bytes_fraction']:.4f} of the float weight bytes" in result.stdout
+    missing = qcompile_cli("-o", tmp_path / "x")
+    assert missing.returncode == 2 and "exactly one of --target-sqnr DB and --size-budget" in missing.stderr
