@@ -9,8 +9,8 @@ output SQNR with the fewest bytes, or the best SQNR within a size budget.
    block and its code grid; free tables as float16; 4 bytes per float weight.
 2. Each candidate's layer output error e_l(c) on a sample of up to SAMPLE_ROWS rows (every fit is per row,
    so a fit to the sample is the full fit restricted to it), with nearest-entry codes: sum over rows of
-   dW H dW^T where H = E[x^T x] is known (MatMul/Gemm, 1x1 Conv), the importance-weighted squared error
-   for other Convs, the plain squared error otherwise (Gather, no statistics).
+   dW H dW^T where H = E[x^T x] is known (MatMul/Gemm), the importance-weighted squared error for Conv,
+   the plain squared error otherwise (Gather, no statistics).
 3. A gain per layer turns e_l into model output noise: the layer alone quantized with REFERENCE, its
    output noise N_l measured by the SqnrProbe, g_l = N_l / e_l(REFERENCE). Noise is assumed additive over
    layers: predicted noise = sum over layers of g_l e_l(c_l).
@@ -30,8 +30,8 @@ output SQNR with the fewest bytes, or the best SQNR within a size budget.
    SQNR. Measured, it is kept where it does better (a budget) or also reaches the target (a target).
 6. Points are measured with nearest-entry codes; the chosen quantizers then get GPTQ's codes where H is
    known (as lut.search.choose does), and the output SQNR recorded is the artifact's. GPTQ gains more on
-   the calibration data it saw than on held-out data (EfficientNet-Lite0 5-bit tables: +4.5 dB against
-   +1.2 dB): measured with it, the target would be reached on paper with fewer bytes.
+   the calibration data it saw than on held-out data (tried on EfficientNet-Lite0's 1x1 Convs, 5-bit
+   tables: +4.5 dB against +1.2 dB): measured with it, a target would be reached on paper with fewer bytes.
 Deterministic: fits, probe and tie-breaks (layer order) depend on the inputs only.
 """
 from __future__ import annotations
