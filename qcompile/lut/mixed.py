@@ -134,22 +134,21 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
     with ThreadPoolExecutor(config.workers or os.cpu_count()) as pool:  # NumPy and PyTorch release the GIL
         layers = list(pool.map(lambda w: _Layer(w, (statistics or {}).get(w.tensor) or LayerStatistics()), weights))
     gains = [_gain(layer, probe) for layer in layers]
-    hulls = [_hull(layer.bytes, gain * layer.errors) for layer, gain in zip(layers, gains)]
+    with np.errstate(invalid="ignore"):  # an infinite gain times float's zero error: zero noise
+        noises = [np.where(layer.errors > 0, gain * layer.errors, 0.0) for layer, gain in zip(layers, gains)]
+    hulls = [_hull(layer.bytes, noise) for layer, noise in zip(layers, noises)]
     # Every hull step, in order of predicted noise removed per byte (ties: layer order, then step order).
     steps = []
-    for index, (layer, gain, hull) in enumerate(zip(layers, gains, hulls)):
-        noise = gain * layer.errors
+    for index, (layer, noise, hull) in enumerate(zip(layers, noises, hulls)):
         steps += [((noise[a] - noise[b]) / (layer.bytes[b] - layer.bytes[a]), index, step)
                   for step, (a, b) in enumerate(zip(hull, hull[1:]))]
     steps.sort(key=lambda s: (-s[0], s[1], s[2]))
     order = [index for _, index, _ in steps]
     float_bytes = float(sum(layer.bytes[-1] for layer in layers))
     step_bytes = np.array([layers[i].bytes[hulls[i][s + 1]] - layers[i].bytes[hulls[i][s]] for _, i, s in steps])
-    step_noise = np.array([gains[i] * (layers[i].errors[hulls[i][s + 1]] - layers[i].errors[hulls[i][s]])
-                           for _, i, s in steps])
+    step_noise = np.array([noises[i][hulls[i][s + 1]] - noises[i][hulls[i][s]] for _, i, s in steps])
     total_bytes = np.cumsum([sum(layer.bytes[hull[0]] for layer, hull in zip(layers, hulls)), *step_bytes])
-    total_noise = np.cumsum([sum(g * layer.errors[hull[0]] for layer, g, hull in zip(layers, gains, hulls)),
-                             *step_noise])
+    total_noise = np.cumsum([sum(noise[hull[0]] for noise, hull in zip(noises, hulls)), *step_noise])
     total_noise = np.maximum(total_noise, 0.0)  # the all-float end is 0, up to rounding
     predicted = np.array([decibels(probe.signal, noise) for noise in total_noise])
 
@@ -217,22 +216,25 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
         "front_point": point,
         "detour": detour_record,
         "choices": [{"tensor": layer.weight.tensor, "op_type": layer.weight.op, "format": c.name,
-                     "bits": c.bits, "bytes": int(c.stored_bytes(*layer.weight.rows.shape)), "gain": float(gain)}
+                     "bits": c.bits, "bytes": int(c.stored_bytes(*layer.weight.rows.shape)), "gain": float(gain) if np.isfinite(gain) else "inf"}
                     for layer, c, gain in zip(layers, chosen, gains)],
     }
     return Choice(None, encoded, sqnr, []), summary
 
 
 def _gain(layer: _Layer, probe: SqnrProbe) -> float:
-    """Model output noise per unit of the layer's output error, from the layer alone at REFERENCE."""
+    """Model output noise per unit of the layer's output error, from the layer alone at REFERENCE; infinite
+    where that breaks the output (a non-finite value): the layer then stays float."""
     sqnr = probe({layer.weight.tensor: layer.encode(REFERENCE, gptq=False).weight(layer.weight)})
+    if not np.isfinite(sqnr):
+        return float("inf") if sqnr < 0 else 0.0
     noise = probe.signal / 10.0 ** (sqnr / 10.0)
     return noise / layer.reference_error if layer.reference_error > 0 else 0.0
 
 
 def _hull(costs: np.ndarray, noise: np.ndarray) -> list[int]:
     """Indices of the lower convex hull of the points (cost, noise), from the cheapest to the quietest.
-    Points of non-finite noise (a layer whose reference broke the output) are left out; float is finite."""
+    Points of infinite noise (a layer of infinite gain) are left out; float's is zero."""
     hull: list[int] = []
     for i in sorted(np.flatnonzero(np.isfinite(noise)), key=lambda i: (costs[i], noise[i])):
         if hull and noise[i] >= noise[hull[-1]]:
