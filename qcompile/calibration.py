@@ -96,11 +96,11 @@ def collect_histograms(
     return histograms
 
 
-def collect_input_moments(model: onnx.ModelProto, inputs: dict[str, int | None], batches: Iterable[dict], threads: int,
+def collect_input_moments(model: onnx.ModelProto, inputs: dict[str, bool], batches: Iterable[dict], threads: int,
                           total: int | None = None) -> dict[str, np.ndarray]:
     """Second moments of layer inputs over `batches`, in memory that does not grow with the data:
-    inputs[name] an axis: E[x^T x] over that axis ([K, K]; -1: a MatMul/Gemm input, 1: the channels of
-    a 1x1 Conv input, over every pixel); None: E[x_c^2] per channel (axis 1, a Conv input)."""
+    inputs[name] True: E[x^T x] over the last axis ([K, K], a MatMul/Gemm input); False: E[x_c^2]
+    per channel (axis 1, a Conv input)."""
     graph_inputs = {i.name for i in model.graph.input}
     computed = [name for name in inputs if name not in graph_inputs]
     session = make_session(with_extra_outputs(model, computed), threads=threads)
@@ -110,8 +110,8 @@ def collect_input_moments(model: onnx.ModelProto, inputs: dict[str, int | None],
         values = {**dict(zip(computed, session.run(computed, feed))), **feed}
         for name in inputs:
             value = values[name]
-            if inputs[name] is not None:
-                flat = np.moveaxis(value, inputs[name], -1).reshape(-1, value.shape[inputs[name]]).astype(np.float32)
+            if inputs[name]:
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float32)
                 product, count = (flat.T @ flat).astype(np.float64), flat.shape[0]
             else:
                 channels = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).astype(np.float64)

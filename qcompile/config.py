@@ -33,8 +33,8 @@ class QuantConfig:
         channel or per block of `block` columns. "auto" = a format per layer (float, affine or table, at
         its own width and block; qcompile.lut.mixed) for `target_sqnr` or `size_budget`.
     fit: "output" = fit lookup-table weights to the layer's output error on calibration inputs (GPTQ
-        error feedback when choosing the codes of MatMul/Gemm and 1x1 Conv weights; affine and table fits
-        of other Conv weights weighted by their input channel's sqrt(E[x_c^2])); "weight" = minimise each weight's
+        error feedback when choosing the codes of MatMul/Gemm weights; affine and table fits of Conv
+        weights weighted by their input channel's sqrt(E[x_c^2])); "weight" = minimise each weight's
         own error. "output" needs
         calibration data and falls back to "weight" without it.
     bits: (lowest, highest) code width for "nl" / "affine" / "table" (an int B means (B, B)); with a range, "nl" searches from the

@@ -239,8 +239,7 @@ def search(state: CompileState) -> None:
         tried = []
     else:
         choice, tried = lut_search.choose(weights, config, probe, statistics)
-    fit = "output error (GPTQ codes for MatMul/Gemm and 1x1 Conv, weighted fits for other Conv)" if statistics \
-        else "weight error"
+    fit = "output error (GPTQ codes for MatMul/Gemm, weighted fits for Conv)" if statistics else "weight error"
     context.lut = choice.encoded
     stored = [w for w in weights if w.tensor in choice.encoded]  # --weights auto keeps some float
     state.lut_nodes = {w.node for w in stored}
@@ -273,25 +272,21 @@ def search(state: CompileState) -> None:
 
 def _layer_statistics(state: CompileState, weights) -> dict[str, lut_tables.LayerStatistics]:
     """Output-aware fitting's statistics of each lookup-table weight's input, from one streaming pass
-    over the calibration data: E[x^T x] of MatMul/Gemm inputs and of 1x1 Conv input channels (up to
-    GPTQ_MAX_INPUTS wide), E[x_c^2] of other Conv inputs. Empty for --fit weight or without calibration data."""
+    over the calibration data: E[x^T x] of MatMul/Gemm inputs (up to GPTQ_MAX_INPUTS wide), E[x_c^2] of
+    Conv inputs. Empty for --fit weight or without calibration data."""
     if state.config.fit != "output" or state.calib is None:
         return {}
     nodes = {node.name: node for node in state.context.graph.nodes}
-    layer_input, axes = {}, {}  # weight -> its input; input -> the axis of its K x K moments (None: per channel)
+    layer_input, full = {}, {}  # weight -> its input; input -> K x K (True) or per channel (False)
     for w in weights:
-        node = nodes[w.node]
-        # A 1x1 Conv of one group is a MatMul over the channels at each pixel (a strided one reads some of them).
-        pointwise = w.op == "Conv" and node.attrs.get("group", 1) == 1 and all(size == 1 for size in w.shape[2:])
-        name, axis = node.inputs[0].name, (1 if pointwise else None) if w.op == "Conv" else -1
-        if w.op == "Gather" or (axis is not None and w.rows.shape[1] > lut_tables.GPTQ_MAX_INPUTS) \
-                or axes.get(name, axis) != axis:
+        name, square = nodes[w.node].inputs[0].name, w.op != "Conv"
+        if w.op == "Gather" or (square and w.rows.shape[1] > lut_tables.GPTQ_MAX_INPUTS) or full.get(name, square) != square:
             continue
-        layer_input[w.tensor], axes[name] = name, axis
-    if not axes:
+        layer_input[w.tensor], full[name] = name, square
+    if not full:
         return {}
     moments = calibration.collect_input_moments(
-        state.reference, axes, batched(_reiterable(state), state.inputs, state.config.calib_batch_size),
+        state.reference, full, batched(_reiterable(state), state.inputs, state.config.calib_batch_size),
         threads=DETERMINISTIC_THREADS)
     return {w.tensor: lut_tables.layer_statistics(w, moments[layer_input[w.tensor]]) for w in weights
             if w.tensor in layer_input}

@@ -91,7 +91,8 @@ def _lut_section(summary: dict, figures: tuple[str, ...]) -> list[str]:
         parts.append(f"<h3>Formats per layer: {mixed['bytes_fraction']:.4f} of the float weight bytes "
                      f"({mixed['bytes']} of {mixed['float_bytes']}), {mixed['kept_float']} weights kept float</h3>")
         parts.append(table(["tensor", "op", "format", "bytes", "gain (output noise per layer error)"],
-                           [[c["tensor"], c["op_type"], c["format"], c["bytes"], f"{c['gain']:.3g}"]
+                           [[c["tensor"], c["op_type"], c["format"], c["bytes"],
+                             f"{c['gain']:.3g}" if isinstance(c["gain"], float) else c["gain"]]
                             for c in mixed["choices"]]))
     parts.append("<h3>Chosen per layer</h3>")
     parts.append(table(["tensor", "op", "rows x k", "bits", "quantizer", "tables per row", "weight MSE"],

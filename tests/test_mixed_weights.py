@@ -84,7 +84,7 @@ def test_a_target_is_reached_on_the_probe_with_the_cheapest_measured_point(cnn):
     reached = [p for p in points if isinstance(p["measured_sqnr_db"], float) and p["measured_sqnr_db"] >= target]
     chosen = min(reached, key=lambda p: p["bytes_fraction"])  # nearest-entry codes
     assert chosen["bytes_fraction"] == mixed["bytes_fraction"] < 1.0 and summary["bits"] is None
-    assert summary["sqnr_db"] >= target  # then GPTQ's codes for the Gemm and the 1x1 Conv
+    assert summary["sqnr_db"] >= target  # then GPTQ's codes for the Gemm
     # The recorded SQNR is the artifact's own on the probe's calibration samples.
     specs = model_input_specs(cnn["model"])
     feeds = list(batched(iter(cnn["calib"][:PROBE_SAMPLES]), specs, 16))
@@ -126,3 +126,23 @@ def test_a_budget_below_every_format_and_missing_data_are_clear_errors(cnn):
     assert _weight_format("auto", None, None, "none") == ("auto", (4, 4))
     with pytest.raises(qcompile.QCompileError, match="drop --bits"):
         _weight_format("auto", "4", None, "none")
+
+
+def test_the_command_line_compiles_to_a_budget_and_refuses_a_missing_goal(tiny_bert, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def qcompile_cli(*args):
+        return subprocess.run([sys.executable, "-m", "qcompile", "compile", tiny_bert["model"], "--calib", tiny_bert["calib"],
+                               "--acts", "none", "--weights", "auto", "--workers", "1", *map(str, args)],
+                              capture_output=True, text=True)
+
+    result = qcompile_cli("-o", tmp_path / "out", "--size-budget", "0.2")
+    assert result.returncode == 0, result.stderr
+    mixed = json.loads((tmp_path / "out" / "manifest.json").read_text())["lut_weights"]["mixed"]
+    assert mixed["bytes"] <= 0.2 * mixed["float_bytes"]
+    assert "mixed-width lookup tables" in result.stdout
+    assert f"--weights auto: {mixed['bytes_fraction']:.4f} of the float weight bytes" in result.stdout
+    missing = qcompile_cli("-o", tmp_path / "x")
+    assert missing.returncode == 2 and "exactly one of --target-sqnr DB and --size-budget" in missing.stderr

@@ -9,8 +9,8 @@ output SQNR with the fewest bytes, or the best SQNR within a size budget.
    block and its code grid; free tables as float16; 4 bytes per float weight.
 2. Each candidate's layer output error e_l(c) on a sample of up to SAMPLE_ROWS rows (every fit is per row,
    so a fit to the sample is the full fit restricted to it), with nearest-entry codes: sum over rows of
-   dW H dW^T for MatMul/Gemm (H = E[x^T x]), the importance-weighted squared error for Conv, the plain
-   squared error otherwise (Gather, no statistics).
+   dW H dW^T where H = E[x^T x] is known (MatMul/Gemm), the importance-weighted squared error for Conv,
+   the plain squared error otherwise (Gather, no statistics).
 3. A gain per layer turns e_l into model output noise: the layer alone quantized with REFERENCE, its
    output noise N_l measured by the SqnrProbe, g_l = N_l / e_l(REFERENCE). Noise is assumed additive over
    layers: predicted noise = sum over layers of g_l e_l(c_l).
@@ -26,12 +26,12 @@ output SQNR with the fewest bytes, or the best SQNR within a size budget.
    Front points are far apart where one step is big (a large layer going float: 0.7% of EfficientNet-Lite0's
    bytes and 1.3 dB at once). A detour takes the later steps of the other layers instead (`_detour`): for a
    budget, from its point, every later step that still fits; for a target, from the point before the one
-   reached, the later steps until the predicted noise of that point, for fewer bytes. Measured, it is kept
-   where it does better (a budget) or also reaches the target (a target).
+   reached, later steps for fewer bytes until that point's measured shortfall is made up on the predicted
+   SQNR. Measured, it is kept where it does better (a budget) or also reaches the target (a target).
 6. Points are measured with nearest-entry codes; the chosen quantizers then get GPTQ's codes where H is
    known (as lut.search.choose does), and the output SQNR recorded is the artifact's. GPTQ gains more on
-   the calibration data it saw than on held-out data (EfficientNet-Lite0 5-bit tables: +4.5 dB against
-   +1.2 dB): measured with it, the target would be reached on paper with fewer bytes.
+   the calibration data it saw than on held-out data (tried on EfficientNet-Lite0's 1x1 Convs, 5-bit
+   tables: +4.5 dB against +1.2 dB): measured with it, a target would be reached on paper with fewer bytes.
 Deterministic: fits, probe and tie-breaks (layer order) depend on the inputs only.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from .ptnq import Quantizer, affine_quantizer
 from .search import Choice, Encoded, SqnrProbe
 from .tables import LayerStatistics, free_table
 
-SAMPLE_ROWS = 64
+SAMPLE_ROWS = 64  # all rows: the same EfficientNet-Lite0 SQNR at a 0.15 budget (14.01 dB), several times slower
 AFFINE_BITS = range(2, 9)
 TABLE_BITS = range(2, 7)
 BLOCKS = (None, 32, 64, 128)
@@ -68,7 +68,9 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return "float" if self.kind == "float" else f"{self.kind}{self.bits}" + (f" b{self.block}" if self.block else "")
+        if self.kind == "float":
+            return "float"
+        return f"{self.kind}{self.bits}" + (f" b{self.block}" if self.block else "")
 
     def stored_bytes(self, n: int, k: int) -> int:
         if self.kind == "float":
@@ -83,7 +85,7 @@ class Candidate:
 
 
 FLOAT = Candidate("float", 32)
-REFERENCE = Candidate("affine", 4)  # the gain's probe: one per layer
+REFERENCE = Candidate("affine", 4)  # the gain's probe (affine6 took 1% more bytes for 20 dB on EfficientNet-Lite0)
 
 
 class _Layer:
@@ -93,7 +95,8 @@ class _Layer:
         self.weight, self.statistics = weight, statistics
         n, k = weight.rows.shape
         formats = [Candidate("affine", bits, block) for bits in AFFINE_BITS for block in BLOCKS
-                   if block is None or (k % block == 0 and k > block)] + [Candidate("table", bits) for bits in TABLE_BITS]
+                   if block is None or (k % block == 0 and k > block)]
+        formats += [Candidate("table", bits) for bits in TABLE_BITS]
         self.candidates = [c for c in formats if c.stored_bytes(n, k) < 4 * n * k] + [FLOAT]
         self.bytes = np.array([c.stored_bytes(n, k) for c in self.candidates], np.float64)
         sample = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).round().astype(np.int64))
@@ -130,21 +133,21 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
     with ThreadPoolExecutor(config.workers or os.cpu_count()) as pool:  # NumPy and PyTorch release the GIL
         layers = list(pool.map(lambda w: _Layer(w, (statistics or {}).get(w.tensor) or LayerStatistics()), weights))
     gains = [_gain(layer, probe) for layer in layers]
-    hulls = [_hull(layer.bytes, gain * layer.errors) for layer, gain in zip(layers, gains)]
+    with np.errstate(invalid="ignore"):  # an infinite gain times float's zero error: zero noise
+        noises = [np.where(layer.errors > 0, gain * layer.errors, 0.0) for layer, gain in zip(layers, gains)]
+    hulls = [_hull(layer.bytes, noise) for layer, noise in zip(layers, noises)]
     # Every hull step, in order of predicted noise removed per byte (ties: layer order, then step order).
     steps = []
-    for index, (layer, gain, hull) in enumerate(zip(layers, gains, hulls)):
-        noise = gain * layer.errors
+    for index, (layer, noise, hull) in enumerate(zip(layers, noises, hulls)):
         steps += [((noise[a] - noise[b]) / (layer.bytes[b] - layer.bytes[a]), index, step)
                   for step, (a, b) in enumerate(zip(hull, hull[1:]))]
     steps.sort(key=lambda s: (-s[0], s[1], s[2]))
     order = [index for _, index, _ in steps]
     float_bytes = float(sum(layer.bytes[-1] for layer in layers))
     step_bytes = np.array([layers[i].bytes[hulls[i][s + 1]] - layers[i].bytes[hulls[i][s]] for _, i, s in steps])
-    step_noise = np.array([gains[i] * (layers[i].errors[hulls[i][s + 1]] - layers[i].errors[hulls[i][s]])
-                           for _, i, s in steps])
+    step_noise = np.array([noises[i][hulls[i][s + 1]] - noises[i][hulls[i][s]] for _, i, s in steps])
     total_bytes = np.cumsum([sum(layer.bytes[hull[0]] for layer, hull in zip(layers, hulls)), *step_bytes])
-    total_noise = np.cumsum([sum(g * layer.errors[hull[0]] for layer, g, hull in zip(layers, gains, hulls)), *step_noise])
+    total_noise = np.cumsum([sum(noise[hull[0]] for noise, hull in zip(noises, hulls)), *step_noise])
     total_noise = np.maximum(total_noise, 0.0)  # the all-float end is 0, up to rounding
     predicted = np.array([decibels(probe.signal, noise) for noise in total_noise])
 
@@ -172,25 +175,28 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
         point = int(within[-1])
         measure_point(point)
         detour = _detour(order, step_bytes, step_noise, point, total_bytes[point], total_noise[point], budget, 0.0)
+        worth = len(detour[0]) > point  # a step of another layer fits
     else:
         point = _reach(config.target_sqnr, predicted, measure_point)
-        detour = None
-        if measured.get(point - 1, np.inf) < config.target_sqnr:  # the last step may be a big one: look for smaller
+        detour, worth = None, False
+        if measured.get(point - 1, np.inf) < config.target_sqnr:  # the last step may be bigger than needed
+            aim = predicted[point - 1] + config.target_sqnr - measured[point - 1]  # its shortfall, as in _reach
+            aim_noise = probe.signal / 10.0 ** (aim / 10.0)
             detour = _detour(order, step_bytes, step_noise, point - 1, total_bytes[point - 1], total_noise[point - 1],
-                             total_bytes[point] - 1, total_noise[point])
+                             total_bytes[point] - 1, aim_noise)
+            worth = detour[2] <= aim_noise
     moves, chosen_bytes, chosen_noise = range(point), total_bytes[point], total_noise[point]
     detour_record = None
-    if detour is not None:
+    if worth:
         steps_taken, size, noise = detour
         budgeted = config.size_budget is not None
-        if (len(steps_taken) > point) if budgeted else (noise <= total_noise[point]):
-            detour_sqnr = measure(steps_taken)
-            better = detour_sqnr > measured[point] if budgeted else detour_sqnr >= config.target_sqnr
-            if better:
-                moves, chosen_bytes, chosen_noise = steps_taken, size, noise
-            detour_record = {"bytes_fraction": float(size / float_bytes),
-                             "predicted_sqnr_db": json_number(decibels(probe.signal, noise)),
-                             "measured_sqnr_db": json_number(detour_sqnr), "chosen": better}
+        detour_sqnr = measure(steps_taken)
+        better = detour_sqnr > measured[point] if budgeted else detour_sqnr >= config.target_sqnr
+        if better:
+            moves, chosen_bytes, chosen_noise = steps_taken, size, noise
+        detour_record = {"bytes_fraction": float(size / float_bytes),
+                         "predicted_sqnr_db": json_number(decibels(probe.signal, noise)),
+                         "measured_sqnr_db": json_number(detour_sqnr), "chosen": better}
     chosen = assignment(moves)
     encoded = {layer.weight.tensor: layer.encode(c, gptq=True) for layer, c in zip(layers, chosen) if c is not FLOAT}
     sqnr = probe({layer.weight.tensor: encoded[layer.weight.tensor].weight(layer.weight) for layer in layers
@@ -200,7 +206,8 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
         "goal": ({"target_sqnr_db": config.target_sqnr} if config.size_budget is None
                  else {"size_budget": config.size_budget}),
         "float_bytes": int(float_bytes), "bytes": int(chosen_bytes),
-        "bytes_fraction": float(chosen_bytes / float_bytes), "predicted_sqnr_db": json_number(decibels(probe.signal, chosen_noise)),
+        "bytes_fraction": float(chosen_bytes / float_bytes),
+        "predicted_sqnr_db": json_number(decibels(probe.signal, chosen_noise)),
         "kept_float": kept_float,
         "front": [{"bytes_fraction": float(b / float_bytes), "predicted_sqnr_db": json_number(p),
                    "measured_sqnr_db": None if j not in measured else json_number(measured[j])}
@@ -208,22 +215,25 @@ def choose_mixed(weights, config: QuantConfig, probe: SqnrProbe,
         "front_point": point,
         "detour": detour_record,
         "choices": [{"tensor": layer.weight.tensor, "op_type": layer.weight.op, "format": c.name,
-                     "bits": c.bits, "bytes": int(c.stored_bytes(*layer.weight.rows.shape)), "gain": float(gain)}
+                     "bits": c.bits, "bytes": int(c.stored_bytes(*layer.weight.rows.shape)), "gain": float(gain) if np.isfinite(gain) else "inf"}
                     for layer, c, gain in zip(layers, chosen, gains)],
     }
     return Choice(None, encoded, sqnr, []), summary
 
 
 def _gain(layer: _Layer, probe: SqnrProbe) -> float:
-    """Model output noise per unit of the layer's output error, from the layer alone at REFERENCE."""
+    """Model output noise per unit of the layer's output error, from the layer alone at REFERENCE; infinite
+    where that breaks the output (a non-finite value): the layer then stays float."""
     sqnr = probe({layer.weight.tensor: layer.encode(REFERENCE, gptq=False).weight(layer.weight)})
+    if not np.isfinite(sqnr):
+        return float("inf") if sqnr < 0 else 0.0
     noise = probe.signal / 10.0 ** (sqnr / 10.0)
     return noise / layer.reference_error if layer.reference_error > 0 else 0.0
 
 
 def _hull(costs: np.ndarray, noise: np.ndarray) -> list[int]:
     """Indices of the lower convex hull of the points (cost, noise), from the cheapest to the quietest.
-    Points of non-finite noise (a layer whose reference broke the output) are left out; float is finite."""
+    Points of infinite noise (a layer of infinite gain) are left out; float's is zero."""
     hull: list[int] = []
     for i in sorted(np.flatnonzero(np.isfinite(noise)), key=lambda i: (costs[i], noise[i])):
         if hull and noise[i] >= noise[hull[-1]]:

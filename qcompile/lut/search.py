@@ -10,7 +10,7 @@ With a bit range, widths go from high to low; a function whose SQNR misses the t
 width is pruned from the lower ones, and the lowest width that reaches the target is kept.
 Affine and free tables ("table", k-means): one quantizer per weight, no search.
 With calibration data, fitting is output-aware (qcompile.lut.tables): GPTQ codes for MatMul/Gemm
-and 1x1 Conv weights, importance-weighted affine and table fits for other Conv weights.
+weights, importance-weighted affine and table fits for Conv weights.
 """
 from __future__ import annotations
 

@@ -3,10 +3,9 @@
 A weight error dW of a layer y = x W^T costs E||x dW^T||^2 = sum over rows of dW H dW^T, with
 H = E[x^T x] over calibration inputs (SqueezeLLM, arXiv 2306.07629; GPTQ, arXiv 2210.17323).
 Its uses, for any table quantizer (PTNQ function, affine or free):
-* `gptq_codes` (MatMul/Gemm, and 1x1 Convs whose H is over the input channels at every pixel): codes
-  chosen column by column with GPTQ's error feedback through H^-1;
-* `LayerStatistics.importance` (other Convs, whose K x K moments would need every window): its
-  diagonal, per-weight weights of the k-means and affine fits;
+* `gptq_codes` (MatMul/Gemm): codes chosen column by column with GPTQ's error feedback through H^-1;
+* `LayerStatistics.importance` (Conv, whose K x K moments would need every window): its diagonal,
+  per-weight weights of the k-means and affine fits;
 * `free_table`: per row (or per block of columns) 2^B free values fitted by weighted k-means
   (Lloyd-Max), stored as float16 (SqueezeLLM's non-uniform tables).
 Refitting a free table to the GPTQ codes under the full H gained 0.1 dB on MiniLM for 18x the time:
@@ -33,7 +32,7 @@ table_symbol = sp.Symbol("t", real=True)
 class LayerStatistics:
     """What one weight's fit knows about its layer's inputs.
 
-    hessian: E[x^T x] [K, K] of a MatMul/Gemm or 1x1 Conv input: codes are chosen with GPTQ's error feedback.
+    hessian: E[x^T x] [K, K] of a MatMul/Gemm input: codes are chosen with GPTQ's error feedback.
     importance: [N, K] weights of each weight's squared error, mean 1 per row: a Conv weight's input
         channel's sqrt(E[x_c^2]) (measured: the square root fits EfficientNet-Lite0 better than E[x_c^2]
         itself, and weighting MatMul rows this way loses 1 dB on MiniLM where GPTQ gains 2)."""
@@ -43,11 +42,11 @@ class LayerStatistics:
 
 
 def layer_statistics(weight, moments: np.ndarray | None) -> LayerStatistics:
-    """From the second moments of a LutWeight's input (a [K, K] matrix for MatMul/Gemm and 1x1 Conv,
-    per-channel E[x_c^2] for other Conv; None: no calibration data)."""
+    """From the second moments of a LutWeight's input (a [K, K] matrix for MatMul/Gemm, per-channel
+    E[x_c^2] for Conv; None: no calibration data)."""
     if moments is None:
         return LayerStatistics()
-    if moments.ndim == 2:
+    if weight.op != "Conv":
         return LayerStatistics(hessian=moments)
     out_channels, in_per_group = weight.shape[0], weight.shape[1]
     groups = moments.size // in_per_group
