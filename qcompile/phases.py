@@ -166,11 +166,12 @@ def keep_float(state: CompileState) -> None:
     probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
     held_out = _HeldOutCheck(state) if state.verify_feeds else None
     full = probe(plan_.integer)
-    if full >= target and (held_out is None or held_out(plan_.integer) >= target):
-        state.float_search = sensitivity.FloatSearch(target, full, sqnr_db=full)
+    held_out_full = held_out(plan_.integer) if held_out is not None and full >= target else None
+    if full >= target and (held_out_full is None or held_out_full >= target):
+        state.float_search = sensitivity.FloatSearch(target, full, sqnr_db=full, held_out_db=held_out_full)
         return
     measure_sensitivity(state, probe)
-    state.float_search = sensitivity.keep_float(probe, state.sensitivity, target, held_out)
+    state.float_search = sensitivity.keep_float(probe, state.sensitivity, target, full, held_out)
     plan_.floated.update(state.float_search.floated)
     plan_.resolve()
     calibrate(state)  # a tensor that took a now-float neighbour's scale needs its own range

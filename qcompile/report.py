@@ -114,12 +114,8 @@ def float_search_section(search: dict) -> list[str]:
         figure, axes = plt.subplots(figsize=(6, 3.2))
         axes.scatter([p["cost_us"] for p in finite], [p["sqnr_db"] for p in finite], color="#3b6ea5", s=12)
         axes.axhline(search["target_db"], color="#a53b3b", linewidth=1, label="target")
-        axes.set_xlabel("run time the float groups add (us, measured)")
-        axes.set_ylabel("output SQNR (dB)")
-        axes.set_title("Sets of float groups the search measured")
-        axes.legend(fontsize=7)
-        figure.tight_layout()
-        parts.append(svg(figure))
+        parts.append(_labelled(figure, axes, "run time the float groups add (us, measured)", "output SQNR (dB)",
+                               "Sets of float groups the search measured"))
     return parts
 
 
@@ -131,12 +127,9 @@ def sensitivity_section(groups: list[dict]) -> list[str]:
                               ("quantized_alone_db", "only this group quantized", "#a53b3b")):
         values = [g[key] if isinstance(g[key], float) else np.nan for g in groups]
         axes.plot(positions, values, "o", markersize=3, label=label, color=color)
-    axes.set_xlabel("node group (most sensitive first)")
-    axes.set_ylabel("output SQNR (dB)")
-    axes.set_title("Sensitivity of the output to each node group")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    return [f"<h2>Sensitivity ({len(groups)} node groups)</h2>", svg(figure),
+    plot = _labelled(figure, axes, "node group (most sensitive first)", "output SQNR (dB)",
+                     "Sensitivity of the output to each node group")
+    return [f"<h2>Sensitivity ({len(groups)} node groups)</h2>", plot,
             table(["node group", "op", "kernel", "SQNR, only it float (dB)", "SQNR, only it quantized (dB)",
                    "float costs (us per run)"],
                   [[g["node"], g["op_type"], g["kernel"], g["float_alone_db"], g["quantized_alone_db"], g["cost_us"]]
@@ -170,9 +163,15 @@ def front_figure(mixed: dict) -> str:
     axes.scatter([p["bytes_fraction"] for p in measured], [p["measured_sqnr_db"] for p in measured], color="#3b6ea5",
                  label="measured (nearest-entry codes)")
     axes.axvline(mixed["bytes_fraction"], color="#c0392b", linewidth=1, label="chosen")
-    axes.set_xlabel("stored bytes / float weight bytes")
-    axes.set_ylabel("output SQNR (dB)")
-    axes.set_title("--weights auto: the front of per-layer formats, on calibration data")
+    return _labelled(figure, axes, "stored bytes / float weight bytes", "output SQNR (dB)",
+                     "--weights auto: the front of per-layer formats, on calibration data")
+
+
+def _labelled(figure, axes, xlabel: str, ylabel: str, title: str) -> str:
+    """A one-axes plot with its labels, title and legend, as inline SVG."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.legend(fontsize=7)
     figure.tight_layout()
     return svg(figure)

@@ -252,22 +252,22 @@ def _profile(model: onnx.ModelProto, feed: dict, qdq_rate: bool = False) -> tupl
     return dict(times), dict(counts)
 
 
-def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: float,
+def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: float, full_db: float,
                held_out=None) -> FloatSearch:
     """The cheapest set of groups to keep float so that the probe (and `held_out`, if given: integer
     groups -> output SQNR on held-out samples) reaches `target_db`; every group float if nothing
-    less does."""
+    less does. full_db: the probe's SQNR with every group integer."""
     plan = probe.plan
-    full = probe(plan.integer)
-    search = FloatSearch(target_db, full)
-    signal_noise = {s.node: _noise(s.float_alone_db) for s in ranked}
-    full_noise = _noise(full)
+    search = FloatSearch(target_db, full_db)
+    full_noise = _noise(full_db)
     # Noise removed per microsecond of run time given up; a group whose removal does not help never floats.
-    gains = {s.node: max(full_noise - signal_noise[s.node], 0.0) / max(s.cost_us, 1.0) for s in ranked}
+    gains = {s.node: max(full_noise - _noise(s.float_alone_db), 0.0) / max(s.cost_us, 1.0) for s in ranked}
     order = [s.node for s in sorted(ranked, key=lambda s: -gains[s.node]) if gains[s.node] > 0]
     costs = {s.node: s.cost_us for s in ranked}
 
-    measured: dict[frozenset, float] = {}
+    # Already scored: every group integer, and each group alone float (the sensitivity pass).
+    measured: dict[frozenset, float] = {frozenset(): full_db, **{frozenset({s.node}): s.float_alone_db for s in ranked}}
+    search.front.append({"floated": 0, "cost_us": 0.0, "sqnr_db": json_number(full_db)})
 
     def measure(floated: list[str]) -> float:
         key = frozenset(floated)

@@ -56,7 +56,7 @@ def test_keep_float_reaches_the_target_with_no_group_to_spare(tiny_bert):
     floats = [s.float_alone_db for s in state.sensitivity]
     assert floats == sorted(floats, reverse=True)
     target = full + 6.0
-    search = sensitivity.keep_float(probe, state.sensitivity, target)
+    search = sensitivity.keep_float(probe, state.sensitivity, target, full)
     assert search.full_db == full and search.sqnr_db >= target and search.floated
     assert probe(plan.integer - set(search.floated)) == search.sqnr_db
     for node in search.floated:  # each float group is needed: back to integer, the target fails
