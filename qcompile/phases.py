@@ -47,6 +47,8 @@ class CompileState:
     calib: object = None
     verify_data: object = None
     example_inputs: object = None  # for a torch.nn.Module
+    target: object = None  # a user metric fn(session) -> float (higher is better), with max_drop
+    max_drop: float | None = None
     # load
     float_model: onnx.ModelProto | None = None  # as given (exported), checked
     intake: intake.Intake | None = None
@@ -158,23 +160,79 @@ def calibrate(state: CompileState) -> None:
 
 def keep_float(state: CompileState) -> None:
     """W8A8: keep float the fewest, cheapest node groups that bring the output SQNR to the target
-    (config.target_sqnr, else W8A8_TARGET_SQNR) on the calibration probe and the held-out samples."""
+    (config.target_sqnr, else W8A8_TARGET_SQNR) on the calibration probe and the held-out samples, or
+    that keep the user's metric (state.target) within state.max_drop of float."""
     config, plan_ = state.config, state.context.plan
     if config.acts == "none" or config.lut_weights or not plan_.integer:
         return
-    target = config.target_sqnr if config.target_sqnr is not None else W8A8_TARGET_SQNR
     probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
-    held_out = _HeldOutCheck(state) if state.verify_feeds else None
     full = probe(plan_.integer)
+    search = _keep_float_for_metric(state, probe, full) if state.target else _keep_float_for_sqnr(state, probe, full)
+    state.float_search = search
+    if search.floated:
+        plan_.floated.update(search.floated)
+        plan_.resolve()
+        calibrate(state)  # a tensor that took a now-float neighbour's scale needs its own range
+
+
+def _keep_float_for_sqnr(state: CompileState, probe: sensitivity.GatedProbe, full: float) -> sensitivity.FloatSearch:
+    config, plan_ = state.config, state.context.plan
+    target = config.target_sqnr if config.target_sqnr is not None else W8A8_TARGET_SQNR
+    held_out = _HeldOutCheck(state) if state.verify_feeds else None
     held_out_full = held_out(plan_.integer) if held_out is not None and full >= target else None
     if full >= target and (held_out_full is None or held_out_full >= target):
-        state.float_search = sensitivity.FloatSearch(target, full, sqnr_db=full, held_out_db=held_out_full)
-        return
+        return sensitivity.FloatSearch(target, full, sqnr_db=full, held_out_db=held_out_full)
     measure_sensitivity(state, probe)
-    state.float_search = sensitivity.keep_float(probe, state.sensitivity, target, full, held_out)
-    plan_.floated.update(state.float_search.floated)
+    return sensitivity.keep_float(probe, state.sensitivity, target, full, held_out)
+
+
+def _keep_float_for_metric(state: CompileState, probe: sensitivity.GatedProbe, full: float) -> sensitivity.FloatSearch:
+    """compile(target=fn, max_drop=d): fn(session) of the deployed model must stay within d of fn of
+    the float model; the probe's sensitivity ranks the groups."""
+    plan_ = state.context.plan
+    float_metric = _user_metric(state.target, make_session(state.reference))
+
+    def metric_of(integer: set[str]) -> float:
+        return _user_metric(state.target, make_session(_deployed_with(state, integer)))
+
+    full_metric = metric_of(plan_.integer)
+    if full_metric >= float_metric - state.max_drop:
+        search = sensitivity.FloatSearch(None, full, sqnr_db=full)
+        search.metric = {"float": float_metric, "max_drop": state.max_drop,
+                         "required": float_metric - state.max_drop, "reached": full_metric, "evaluations": 1}
+        return search
+    measure_sensitivity(state, probe)
+    search = sensitivity.keep_float_for_metric(probe, state.sensitivity, full, metric_of, float_metric,
+                                               state.max_drop, full_metric)
+    if search.metric["reached"] < search.metric["required"]:
+        state.warnings.append(f"the target metric is {search.metric['reached']:g} with every group that helps kept "
+                              f"float ({len(search.floated)}); float gives {float_metric:g}, the target was "
+                              f"{search.metric['required']:g} (max_drop {state.max_drop:g})")
+    return search
+
+
+def _user_metric(target, session) -> float:
+    """target(session) as a float; what it raises or returns wrong is the user's to fix."""
+    try:
+        value = target(session)
+    except Exception as error:
+        raise QCompileError(f"the target metric raised {type(error).__name__}: {first_line(error)}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+        raise QCompileError(f"the target metric must return a finite number, got {value!r}")
+    return float(value)
+
+
+def _deployed_with(state: CompileState, integer: set[str]) -> onnx.ModelProto:
+    """The deployed model with only the `integer` groups integer; the plan is left as it was."""
+    plan_ = state.context.plan
+    chosen = dict(plan_.floated)
+    plan_.floated.update({g.node: "" for g in plan_.groups if g.node not in integer})
     plan_.resolve()
     calibrate(state)  # a tensor that took a now-float neighbour's scale needs its own range
+    model = _deployed_model(state)
+    plan_.floated = chosen
+    plan_.resolve()
+    return model
 
 
 class _HeldOutCheck:
@@ -186,14 +244,7 @@ class _HeldOutCheck:
         self.reference = [session.run(None, feed) for feed in self.feeds]
 
     def __call__(self, integer: set[str]) -> float:
-        plan_ = self.state.context.plan
-        chosen = dict(plan_.floated)
-        plan_.floated.update({g.node: "" for g in plan_.groups if g.node not in integer})
-        plan_.resolve()
-        calibrate(self.state)  # a tensor that took a now-float neighbour's scale needs its own range
-        session = make_session(_deployed_model(self.state))
-        plan_.floated = chosen
-        plan_.resolve()
+        session = make_session(_deployed_with(self.state, integer))
         signal = noise = 0.0
         for feed, reference in zip(self.feeds, self.reference):
             for expected, output in zip(reference, session.run(None, feed)):

@@ -17,6 +17,8 @@ reaches a target.
   shortest ranked prefix that reaches the target (bisection), then each chosen group, most expensive
   first, goes back to integer where the target still holds. Deterministic for given costs; the costs
   are timings, so two compiles agree unless a group's cost moves across a two-digit rounding step.
+* `keep_float_for_metric`: the same ranking, and the shortest prefix whose deployed model keeps the
+  user's own metric (`compile(target=fn, max_drop=d)`) within d of float, by bisection on that metric.
 """
 from __future__ import annotations
 
@@ -63,15 +65,16 @@ class GroupSensitivity:
 class FloatSearch:
     """What `keep_float` chose and the points it measured on the way."""
 
-    target_db: float
+    target_db: float | None  # None: a user metric's target (`metric`)
     full_db: float  # every group integer
     floated: dict[str, str] = field(default_factory=dict)  # group -> why it stays float
     sqnr_db: float = float("inf")
     held_out_db: float | None = None  # the deployed model's, on the held-out samples, where checked
-    front: list[dict] = field(default_factory=list)  # {"floated", "cost_us", "sqnr_db"} per measured set
+    front: list[dict] = field(default_factory=list)  # {"floated", "cost_us", "sqnr_db" or "metric"} per measured set
+    metric: dict | None = None  # target=: {"float", "max_drop", "required", "reached", "evaluations"}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "target_db": self.target_db, "full_db": json_number(self.full_db),
+        return {**asdict(self), "full_db": json_number(self.full_db),
                 "sqnr_db": json_number(self.sqnr_db),
                 "held_out_db": None if self.held_out_db is None else json_number(self.held_out_db)}
 
@@ -259,11 +262,7 @@ def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: flo
     less does. full_db: the probe's SQNR with every group integer."""
     plan = probe.plan
     search = FloatSearch(target_db, full_db)
-    full_noise = _noise(full_db)
-    # Noise removed per microsecond of run time given up; a group whose removal does not help never floats.
-    gains = {s.node: max(full_noise - _noise(s.float_alone_db), 0.0) / max(s.cost_us, 1.0) for s in ranked}
-    order = [s.node for s in sorted(ranked, key=lambda s: -gains[s.node]) if gains[s.node] > 0]
-    costs = {s.node: s.cost_us for s in ranked}
+    order, costs = _float_order(ranked, full_db), {s.node: s.cost_us for s in ranked}
 
     # Already scored: every group integer, and each group alone float (the sensitivity pass).
     measured: dict[frozenset, float] = {frozenset(): full_db, **{frozenset({s.node}): s.float_alone_db for s in ranked}}
@@ -295,6 +294,43 @@ def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: flo
     search.floated = {node: f"kept float to reach the {target_db:g} dB output SQNR target (its sensitivity and cost: "
                             "report.html)" for node in floated}
     return search
+
+
+def keep_float_for_metric(probe: GatedProbe, ranked: list[GroupSensitivity], full_db: float, metric_of,
+                          float_metric: float, max_drop: float, full_metric: float) -> FloatSearch:
+    """The shortest prefix of keep_float's ranking for which metric_of(integer groups), the user's metric
+    of the deployed model, reaches float_metric - max_drop; every group that helps if nothing less does.
+    No pruning pass: each evaluation is a deployed session and the user's function. full_metric: the
+    metric with every group integer."""
+    plan = probe.plan
+    search = FloatSearch(None, full_db)
+    order, costs = _float_order(ranked, full_db), {s.node: s.cost_us for s in ranked}
+    required = float_metric - max_drop
+    values = {0: full_metric}
+    search.front.append({"floated": 0, "cost_us": 0.0, "metric": full_metric})
+
+    def value(length: int) -> float:
+        if length not in values:
+            values[length] = metric_of(plan.integer - set(order[:length]))
+            search.front.append({"floated": length, "cost_us": round(sum(costs[n] for n in order[:length]), 1),
+                                 "metric": values[length]})
+        return values[length]
+
+    floated = _shortest_prefix(order, lambda length: value(length) >= required)
+    search.sqnr_db = probe(plan.integer - set(floated))
+    search.metric = {"float": float_metric, "max_drop": max_drop, "required": required,
+                     "reached": value(len(floated)), "evaluations": len(values)}
+    search.floated = {node: f"kept float to keep the target metric within {max_drop:g} of float (its sensitivity "
+                            "and cost: report.html)" for node in floated}
+    return search
+
+
+def _float_order(ranked: list[GroupSensitivity], full_db: float) -> list[str]:
+    """Groups by the noise keeping them float removes per microsecond of run time it gives up; a group
+    whose removal does not help is left out (it never floats)."""
+    full_noise = _noise(full_db)
+    gains = {s.node: max(full_noise - _noise(s.float_alone_db), 0.0) / max(s.cost_us, 1.0) for s in ranked}
+    return [s.node for s in sorted(ranked, key=lambda s: -gains[s.node]) if gains[s.node] > 0]
 
 
 def _shortest_prefix(order: list[str], reaches) -> list[str]:

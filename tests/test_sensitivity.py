@@ -114,3 +114,56 @@ def test_analyze_sensitivity_ranks_every_group(tiny_bert, tmp_path):
     groups = json.loads((out / "sensitivity.json").read_text())
     assert groups and all({"node", "float_alone_db", "quantized_alone_db", "cost_us"} <= set(g) for g in groups)
     assert "Sensitivity of the output to each node group" in (out / "report.html").read_text()
+
+
+
+def _noise_metric(samples_path) -> callable:
+    """A user metric: minus the output noise power relative to the float model's output (float: 0).
+    It records the sessions it was given."""
+    data = np.load(samples_path)
+    feeds = [{name: data[name][i:i + 1] for name in data.files} for i in range(len(data[data.files[0]]))]
+    reference = []
+
+    def metric(session) -> float:
+        outputs = [session.run(None, feed)[0] for feed in feeds]
+        if not reference:  # the first call is the float model's
+            reference.extend(outputs)
+        metric.sessions.append(session)
+        signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+        return -sum(float(np.sum((r.astype(np.float64) - o) ** 2)) for r, o in zip(reference, outputs)) / signal
+
+    metric.sessions = []
+    return metric
+
+
+def test_compile_to_a_user_metric_floats_groups_until_it_holds(tiny_bert):
+    full = qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(target_sqnr=0), calib=tiny_bert["calib"],
+                            verify_data=tiny_bert["eval"]).manifest
+    max_drop = 10 ** (-(full["verification"]["outputs"]["sentence_embedding"]["sqnr_db"] + 6.0) / 10)
+    metric = _noise_metric(tiny_bert["eval"])
+    artifact = qcompile.compile(tiny_bert["model"], calib=tiny_bert["calib"], verify_data=tiny_bert["eval"],
+                                target=metric, max_drop=max_drop)
+    search = artifact.manifest["float_search"]
+    assert metric(make_session(artifact.model)) == search["metric"]["reached"] >= -max_drop  # what the search saw
+    assert search["metric"]["float"] == 0.0 and search["metric"]["required"] == -max_drop and search["floated"]
+    # Bisection over the ranked groups: the float model, all integer, then about log2(groups) prefixes.
+    groups = len(artifact.manifest["sensitivity"])
+    assert len(metric.sessions) - 1 == search["metric"]["evaluations"] + 1 <= np.ceil(np.log2(groups)) + 4
+    assert search["metric"]["evaluations"] == len(search["front"])
+    shorter = max(p["floated"] for p in search["front"] if p["floated"] < len(search["floated"]))
+    assert next(p["metric"] for p in search["front"] if p["floated"] == shorter) < -max_drop
+
+
+@pytest.mark.parametrize("kwargs, config, message", [
+    ({"target": lambda session: 1.0}, {}, "max_drop must be a finite number >= 0"),
+    ({"target": lambda session: 1.0, "max_drop": -1}, {}, "max_drop must be a finite number >= 0"),
+    ({"max_drop": 0.1}, {}, "target must be a function session -> float"),
+    ({"target": lambda session: 1.0, "max_drop": 0.1}, {"target_sqnr": 20}, "target_sqnr or target=, not both"),
+    ({"target": lambda session: 1.0, "max_drop": 0.1}, {"acts": "none"}, "it needs acts='int8'"),
+    ({"target": lambda session: float("nan"), "max_drop": 0.1}, {}, "must return a finite number, got nan"),
+    ({"target": lambda session: 1 / 0, "max_drop": 0.1}, {}, "the target metric raised ZeroDivisionError: division by zero"),
+])
+def test_a_bad_user_metric_is_a_one_line_error(tiny_bert, kwargs, config, message):
+    with pytest.raises(qcompile.QCompileError, match=message):
+        qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(**config), calib=tiny_bert["calib"],
+                         verify_data=tiny_bert["eval"], **kwargs)
