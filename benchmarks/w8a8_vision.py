@@ -38,6 +38,7 @@ size; quantization wall time (qcompile's includes its verification on the held-o
     .venv/bin/python benchmarks/w8a8_vision.py          # ~20 minutes on 2 cores
     .venv/bin/python benchmarks/w8a8_vision.py --models resnet18 --calib 4 --eval 4 --runs 3
     .venv/bin/python benchmarks/w8a8_vision.py --models all-minilm-l6-v2 --targets 0 25   # issue 13's bars
+    .venv/bin/python benchmarks/w8a8_vision.py --models all-minilm-l6-v2 --max-drops 0.003 0.001   # target=
 """
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3000, help="timed runs per session, in 100 interleaved rounds")
     parser.add_argument("--targets", type=float, nargs="*", default=[],
                         help="also compile with each of these --target-sqnr values (0: every group integer)")
+    parser.add_argument("--max-drops", type=float, nargs="*", default=[],
+                        help="also compile with target= the agreement metric, within each of these drops of float")
     args = parser.parse_args()
 
     results = {}
@@ -113,6 +116,9 @@ def main() -> None:
         for target in args.targets:
             methods[f"qcompile --target-sqnr {target:g}"] = _attempt(f"{name}: qcompile --target-sqnr {target:g}",
                                                                     quantize_qcompile, str(folder), target)
+        for drop in args.max_drops:
+            methods[f"qcompile target=agreement, max_drop {drop:g}"] = _attempt(
+                f"{name}: qcompile max_drop {drop:g}", quantize_qcompile, str(folder), None, drop, bench.agreement)
         for calibrator in ORT_CALIBRATORS:
             methods[f"onnxruntime {calibrator}"] = _attempt(f"{name}: onnxruntime {calibrator}",
                                                             quantize_onnxruntime, str(folder), calibrator,
@@ -197,19 +203,37 @@ def _export_torchvision(name: str, path: Path) -> None:
 
 # --- quantizers (each in its own process) ---
 
-def quantize_qcompile(folder: str, target: float | None) -> dict:
-    """Its defaults (W8A8, the default output SQNR target), or another --target-sqnr."""
+def quantize_qcompile(folder: str, target: float | None, max_drop: float | None = None,
+                      agreement: str | None = None) -> dict:
+    """Its defaults (W8A8, the default output SQNR target), another --target-sqnr, or (max_drop) the
+    Python API's target= with the bench's agreement metric against float on the held-out samples:
+    float scores 1, and the compile keeps groups float until the metric is at least 1 - max_drop."""
     import qcompile
+    from qcompile.runtime import make_session
 
     folder = Path(folder)
     start = time.perf_counter()
-    artifact = qcompile.compile(folder / "model.onnx", qcompile.QuantConfig(weights="int8", acts="int8", target_sqnr=target),
-                                calib=folder / "calib.npz", verify_data=folder / "eval.npz")
+    config = qcompile.QuantConfig(weights="int8", acts="int8", target_sqnr=target)
     out = folder / ("qcompile" if target is None else f"qcompile_target_{target:g}")
+    archive = np.load(folder / "eval.npz")
+    feeds = [{name: archive[name][i : i + 1] for name in archive.files} for i in range(len(archive[archive.files[0]]))]
+
+    def outputs(session) -> np.ndarray:
+        return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+    def metric(session) -> float:
+        return _agreement(agreement, reference, outputs(session))
+
+    if max_drop is not None:
+        reference, out = outputs(make_session(str(folder / "model.onnx"))), folder / f"qcompile_drop_{max_drop:g}"
+    artifact = qcompile.compile(folder / "model.onnx", config, calib=folder / "calib.npz",
+                                verify_data=folder / "eval.npz", target=metric if max_drop is not None else None,
+                                max_drop=max_drop)
     artifact.save(out, force=True)
     verification = artifact.manifest["verification"]["outputs"]
+    search = artifact.manifest["float_search"] or {}
     return {"path": str(out / "model.onnx"), "seconds": round(time.perf_counter() - start, 1),
-            "float_groups": len((artifact.manifest["float_search"] or {}).get("floated", {})),
+            "float_groups": len(search.get("floated", {})), "metric": search.get("metric"),
             "manifest_sqnr_db": round(float(next(iter(verification.values()))["sqnr_db"]), 2),
             "manifest_verification": verification, "manifest_deployed": artifact.manifest.get("deployed")}
 

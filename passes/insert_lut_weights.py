@@ -5,6 +5,11 @@ Pattern -> rewrite (W a constant float weight, encoded in context.lut: its quant
     Gemm(X, W, C) (alpha = beta = 1)   ->  qcompile.LutMatMul(X, codes, table) -> Add(C)
     Conv(X, W[O, I, kh, kw], ...)      ->  Conv(X, Reshape(qcompile.LutDequantizeConstant(codes, table)), ...)
     Gather(W[V, D], ids, axis=0)       ->  Reshape(LutDequantize(Gather(codes, ids), Gather(table, ids)))
+With --acts dynamic, MatMul and Gemm instead become
+    com.microsoft.DynamicQuantizeMatMul(X, Transpose(qcompile.LutDequantizeConstant(codes, int8 table)), scale)
+(-> Add(C) for Gemm): the table rounded to int8 per output channel (scale = max |table row| / 127), folded
+by ONNX Runtime into an int8 weight at session start, which its integer GEMM packs once and multiplies
+with X quantized to uint8 at run time. The session holds 1 byte per weight; the file, the codes.
 `codes` is uint8 [N, ceil(K*B/8)], one row per output channel (per embedding row for Gather).
 `table` is not stored: it is computed from the quantizer's per-row parameters by standard ops
 generated from its SymPy expression (s * f(a * c / 2^(B-1)), or scale * (c - zero)); every input of
@@ -23,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.lut import DOMAIN as LUT_DOMAIN, packing
 from qcompile.lut.functions import ELEMENTARY, Backend, lower
+from qcompile.graph import MICROSOFT_DOMAIN
 from qcompile.pipeline import CompileContext, PassResult
 
 
@@ -125,16 +131,24 @@ class InsertLutWeights:
             weight, quantizer = weights[tensor], encoded.quantizer
             node = nodes[weight.node]
             codes = gs.Constant(f"{tensor}_codes", packing.pack_codes(encoded.codes, quantizer.bits))
-            table = self._table(graph, tensor, quantizer)
             attrs = {"bits": quantizer.bits, "k": int(weight.rows.shape[1])}
-            if node.op in ("MatMul", "Gemm"):
-                self._matmul(graph, node, codes, table, attrs)
+            if node.op in ("MatMul", "Gemm") and context.config.acts == "dynamic":
+                int8_table, scale = int8_rows(quantizer.table)
+                weight = _op(graph, "LutDequantizeConstant", f"{tensor}_lut",
+                             [codes, gs.Constant(f"{tensor}_table_int8", int8_table)], attrs, LUT_DOMAIN, np.int8)
+                transposed = _op(graph, "Transpose", f"{tensor}_int8", [weight], {"perm": [1, 0]}, dtype=np.int8)
+                self._matmul(graph, node, "DynamicQuantizeMatMul", MICROSOFT_DOMAIN,
+                             [transposed, gs.Constant(f"{tensor}_scale", scale)], {})
+            elif node.op in ("MatMul", "Gemm"):
+                table = self._table(graph, tensor, quantizer)
+                self._matmul(graph, node, "LutMatMul", LUT_DOMAIN, [codes, table], attrs)
             elif node.op == "Conv":
+                table = self._table(graph, tensor, quantizer)
                 shape = gs.Constant(f"{tensor}_shape", np.array(node.inputs[1].shape, dtype=np.int64))
                 dequantized = _op(graph, "LutDequantizeConstant", f"{tensor}_lut", [codes, table], attrs, LUT_DOMAIN)
                 node.inputs[1] = _op(graph, "Reshape", f"{tensor}_reshaped", [dequantized, shape])
             else:
-                self._gather(graph, node, codes, table, attrs)
+                self._gather(graph, node, codes, self._table(graph, tensor, quantizer), attrs)
         return PassResult(len(context.lut), f"{len(context.lut)} weights read through lookup tables")
 
     @staticmethod
@@ -147,12 +161,13 @@ class InsertLutWeights:
         return lower(quantizer.expression, symbols, backend)
 
     @staticmethod
-    def _matmul(graph: gs.Graph, node: gs.Node, codes, table, attrs) -> None:
+    def _matmul(graph: gs.Graph, node: gs.Node, op: str, domain: str, weight_inputs: list, attrs) -> None:
+        """X @ W as `op`(X, *weight_inputs), then Gemm's bias C added."""
         output = node.outputs[0]
         bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
         product = output if bias is None else gs.Variable(f"{output.name}_lut_matmul", dtype=np.float32)
-        graph.nodes.append(gs.Node("LutMatMul", f"{node.name}_lut", attrs=attrs, domain=LUT_DOMAIN,
-                                   inputs=[node.inputs[0], codes, table], outputs=[product]))
+        graph.nodes.append(gs.Node(op, f"{node.name}_lut", attrs=attrs, domain=domain,
+                                   inputs=[node.inputs[0], *weight_inputs], outputs=[product]))
         if bias is not None:
             graph.nodes.append(gs.Node("Add", f"{node.name}_bias", inputs=[product, bias], outputs=[output]))
         node.outputs.clear()
@@ -173,6 +188,13 @@ class InsertLutWeights:
         graph.nodes.append(gs.Node("Reshape", f"{name}_reshape", inputs=[values, shape], outputs=[output]))
         node.outputs.clear()
         node.inputs.clear()
+
+
+def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A [N, G, 2^B] float table as int8 values and a float32 scale per row (N): max |row| -> 127."""
+    peak = np.abs(table).reshape(len(table), -1).max(axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(table / scale[:, None, None]), -127, 127).astype(np.int8), scale
 
 
 def _op(graph: gs.Graph, op: str, name: str, inputs: list, attrs: dict | None = None, domain: str | None = None,

@@ -58,7 +58,7 @@ class PlanW8A8:
                 plan.add_group(NodeGroup(node.name, node.op, "Gather", (TensorSpec(
                     node.inputs[0].name, "weight", config.qdq_weights, _table_axis(node), ((node.name, 0),),
                     "Gather table (embedding)"),)))
-            elif config.acts != "none" and _plan_elementwise(node, plan, config, outputs):
+            elif config.static_acts and _plan_elementwise(node, plan, config, outputs):
                 continue
             elif node.op not in DATA_MOVEMENT_OPS and node.op not in SAME_SCALE_OPS:
                 plan.unplanned.append(SkippedNode(node.name, node.op, _float_reason(node, config, outputs)))
@@ -69,7 +69,7 @@ class PlanW8A8:
 
 
 def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]) -> None:
-    acts, weights = config.acts != "none", config.qdq_weights != "none"
+    acts, weights = config.static_acts, config.qdq_weights != "none"
     data_inputs = node.inputs[:2]
     if not all(_is_float(t) for t in data_inputs):
         return plan.unplanned.append(SkippedNode(node.name, node.op, "non-float inputs"))
@@ -225,8 +225,8 @@ def _is_activation(tensor: gs.Tensor) -> bool:
 
 
 def _float_reason(node: gs.Node, config, graph_outputs: set[str]) -> str:
-    if config.acts == "none":
-        return "activations are not quantized (--acts none)"
+    if not config.static_acts:
+        return f"activations are not quantized ahead of time (--acts {config.acts})"
     if node.op == "Add" and not config.quantize_residual_adds:
         return "Adds of two activations are kept float by config (--no-residual)"
     if node.op in ELEMENTWISE_KERNELS and not all(_is_activation(t) for t in node.inputs):

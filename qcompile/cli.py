@@ -63,7 +63,9 @@ def cli(settings: dict, debug: bool) -> None:
 @click.option("--executor", type=click.Choice(EXECUTOR_NAMES), default="local", show_default=True,
               help="Where PTNQ fitting runs (ray: a Ray cluster; RAY_ADDRESS or a local one).")
 @click.option("--workers", type=int, help="Processes for --executor local (default: all cores).")
-@click.option("--acts", type=click.Choice(ACTIVATION_FORMATS), default="int8", show_default=True)
+@click.option("--acts", type=click.Choice(ACTIVATION_FORMATS), default="int8", show_default=True,
+              help="int8: ranges calibrated ahead of time (QDQ); dynamic: with nl/table/affine weights, MatMul inputs "
+                   "quantized at run time against int8 tables (ONNX Runtime's DynamicQuantizeMatMul); none: float.")
 @click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default="mse", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calib-method percentile.")
 @click.option("--no-attention", is_flag=True, help="Keep attention's activation x activation MatMuls in float.")
@@ -102,7 +104,7 @@ def _weight_format(text: str, bits: str | None, block: int | None, acts: str) ->
         if bits:
             raise QCompileError("--weights auto chooses the bits of every layer: drop --bits")
         return text, (4, 4)
-    if text in ("int8", "int4", "none") and block is None and (text != "int4" or acts != "none"):
+    if text in ("int8", "int4", "none") and block is None and (text != "int4" or acts == "int8"):
         if bits:
             raise QCompileError(f"--bits applies to lookup-table weights (nl, table, int2..int7), not --weights {text}")
         return text, (4, 4)

@@ -54,7 +54,7 @@ def _check_target(target, max_drop, config: QuantConfig) -> None:
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < float("inf"):
         raise QCompileError(f"max_drop must be a finite number >= 0 (how far below float the target metric may "
                             f"fall), got {max_drop!r}")
-    if config.acts == "none" or config.lut_weights:
+    if not config.static_acts or config.lut_weights:
         raise QCompileError("target= chooses which W8A8 node groups stay float: it needs acts='int8' with int8, int4 or no weight quantization")
     if config.target_sqnr is not None:
         raise QCompileError("give target_sqnr or target=, not both")

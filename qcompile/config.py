@@ -14,7 +14,7 @@ LUT_BITS = range(2, 9)
 SELECTIONS = ("layer", "model")
 LUT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 EXECUTOR_NAMES = ("local", "serial", "ray")
-ACTIVATION_FORMATS = ("int8", "none")
+ACTIVATION_FORMATS = ("int8", "dynamic", "none")
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
 # W8A8 without --target-sqnr: the output SQNR (dB) below which node groups are kept float. 20 dB is a
 # mean cosine of about 0.995 against the float model.
@@ -53,7 +53,10 @@ class QuantConfig:
         per-model choice, kept only where the output SQNR improves).
     executor, workers: where PTNQ fitting tasks run ("local" process pool, "serial", or "ray").
     acts: "int8" = 8-bit activations, per tensor (stored as asymmetric uint8, the grid
-        ONNX Runtime's fastest x86 integer kernels take); "none" = keep float.
+        ONNX Runtime's fastest x86 integer kernels take), ranges calibrated ahead of time; "dynamic" =
+        with nl / affine / table weights, each MatMul/Gemm quantizes its input to uint8 per tensor at
+        run time and multiplies it with its weight's table rounded to int8 per output channel
+        (ONNX Runtime's DynamicQuantizeMatMul on a weight folded at session start); "none" = keep float.
     calib_method: how activation ranges are chosen: "mse" (seed 004's alternating solver),
         "minmax", or "percentile" (keeps `percentile` % of the values inside the range).
     quantize_attention: also quantize the activation x activation MatMuls of attention
@@ -103,10 +106,12 @@ class QuantConfig:
         low, high = self.bits
         if low not in LUT_BITS or high not in LUT_BITS or low > high:
             raise QCompileError(f"bits must be a range within 2..8 (like 4 or 4-8), got {low}-{high}")
-        w8a8 = self.acts == "int8" and not self.lut_weights
+        w8a8 = self.static_acts and not self.lut_weights
         if self.target_sqnr is not None and not (w8a8 or self.weights == "auto" or (self.weights == "nl" and low < high)):
             raise QCompileError("--target-sqnr needs --acts int8 with int8/int4/none weights (node groups kept float until "
                                 "it holds), --weights auto, or --weights nl --bits LOW-HIGH (the bit-width search)")
+        if self.acts == "dynamic" and self.weights not in ("nl", "affine", "table"):
+            raise QCompileError(f"--acts dynamic needs nl, affine or table weights (like nl4, int4, table4), not {self.weights}")
         if self.weights == "auto":
             if (self.target_sqnr is None) == (self.size_budget is None):
                 raise QCompileError("--weights auto needs exactly one of --target-sqnr DB and --size-budget FRACTION")
@@ -140,6 +145,11 @@ class QuantConfig:
     @property
     def lut_weights(self) -> bool:
         return self.weights in LUT_WEIGHT_FORMATS
+
+    @property
+    def static_acts(self) -> bool:
+        """Activations get calibrated QuantizeLinear/DequantizeLinear pairs."""
+        return self.acts == "int8"
 
     @property
     def qdq_weights(self) -> str:

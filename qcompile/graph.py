@@ -12,6 +12,9 @@ from .errors import QCompileError, first_line
 from .intake import refuse_unsupported
 
 
+MICROSOFT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (DynamicQuantizeMatMul)
+
+
 def load_model(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     """Read and check a float model; every problem is a one-line QCompileError."""
     if isinstance(source, onnx.ModelProto):
@@ -48,6 +51,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.opset_import.extend(like.opset_import)
     if any(node.domain == LUT_DOMAIN for node in model.graph.node):
         packing.add_functions(model)
+    if any(node.domain == MICROSOFT_DOMAIN for node in model.graph.node) and \
+            not any(o.domain == MICROSOFT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MICROSOFT_DOMAIN, 1))
     check_rewritten(model)
     return model
 

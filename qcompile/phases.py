@@ -163,7 +163,7 @@ def keep_float(state: CompileState) -> None:
     (config.target_sqnr, else W8A8_TARGET_SQNR) on the calibration probe and the held-out samples, or
     that keep the user's metric (state.target) within state.max_drop of float."""
     config, plan_ = state.config, state.context.plan
-    if config.acts == "none" or config.lut_weights or not plan_.integer:
+    if not config.static_acts or config.lut_weights or not plan_.integer:
         return
     probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
     full = probe(plan_.integer)
@@ -389,7 +389,7 @@ def check_floor(state: CompileState) -> None:
 
 def _floor_fix(config: QuantConfig) -> str:
     target = max(W8A8_TARGET_SQNR, config.sqnr_floor + 10.0)
-    if config.acts != "none" and not config.lut_weights:
+    if config.static_acts and not config.lut_weights:
         return f"rerun with --target-sqnr {max(target, (config.target_sqnr or 0.0) + 10.0):g} to keep more groups float"
     if config.weights == "int4":
         return "rerun with --weights int8"

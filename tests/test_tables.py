@@ -157,9 +157,72 @@ def test_table_weights_compile_to_float16_tables_that_onnx_runtime_reads_exactly
     assert results["output"] > results["weight"] + 1.0  # GPTQ codes on correlated inputs
 
 
+def gemm_model(k=64, n=32):
+    w = RNG.laplace(0, 0.05, (n, k)).astype(np.float32)
+    c = RNG.standard_normal(n).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1)], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+                              [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(c, "c")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), c
+
+
+def dynamic_quantize_reference(x):
+    """ONNX DynamicQuantizeLinear: uint8 over the range widened to hold 0."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (high - low) / 255
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    return np.clip(np.rint(x / scale) + zero, 0, 255), scale, zero
+
+
+@pytest.mark.parametrize("op, block", [("MatMul", None), ("MatMul", 32), ("Gemm", None)])
+def test_dynamic_activations_multiply_uint8_inputs_by_int8_tables_on_stock_onnx_runtime(op, block, tmp_path):
+    model, bias = gemm_model() if op == "Gemm" else (linear_model()[0], 0.0)
+    samples = [{"x": x[None]} for x in correlated_inputs(64, 64, RNG)]
+    config = dict(weights="table", bits=4, block=block, fit="weight")
+    tables_only = qcompile.compile(model, qcompile.QuantConfig(acts="none", **config), calib=samples)
+    artifact = qcompile.compile(model, qcompile.QuantConfig(acts="dynamic", **config), calib=samples)
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in artifact.model.graph.initializer}
+    float_table = {i.name: onnx.numpy_helper.to_array(i) for i in tables_only.model.graph.initializer}["w_t"]
+    int8_table, scale = stored["w_table_int8"], stored["w_scale"]
+    # The same fitted table, rounded to int8 per output channel.
+    assert int8_table.dtype == np.int8 and int8_table.shape == (32, 2 if block else 1, 16)
+    np.testing.assert_allclose(int8_table * scale[:, None, None], float_table.astype(np.float32),
+                               atol=float(scale.max()) / 2 * 1.0001)
+    assert np.abs(int8_table).reshape(32, -1).max(axis=1).tolist() == [127] * 32
+    from qcompile.lut.packing import unpack_codes
+
+    codes = unpack_codes(stored["w_codes"], 4, 64)
+    block_of_column = np.arange(64) // (block or 64)
+    weight = int8_table[np.arange(32)[:, None], block_of_column[None, :], codes].astype(np.float64)
+    x = np.concatenate([s["x"] for s in samples[:4]])
+    quantized, x_scale, x_zero = dynamic_quantize_reference(x)
+    expected = ((quantized - x_zero) @ weight.T) * x_scale * scale + bias
+    # No qcompile library: ONNX Runtime folds the weight and runs its own integer GEMM.
+    optimized = tmp_path / "optimized.onnx"
+    session = make_session(artifact.model, use_library=False, optimized_path=optimized)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+    graph = onnx.load(optimized).graph
+    (matmul,) = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert matmul.input[1] in {i.name for i in graph.initializer}  # folded once, packed by ONNX Runtime
+    assert not any(n.op_type in ("LutDequantizeConstant", "GatherElements", "Transpose") for n in graph.node)
+
+
+def test_int8_rows_round_each_table_row_to_its_own_scale():
+    from passes.insert_lut_weights import int8_rows
+
+    table = np.stack([np.linspace(-0.3, 0.1, 16), np.zeros(16), np.linspace(0, 5, 16)]).astype(np.float32)[:, None]
+    values, scale = int8_rows(table)
+    np.testing.assert_allclose(scale, [0.3 / 127, 1.0, 5 / 127], rtol=1e-6)
+    assert values[1].tolist() == [[0] * 16] and values[0, 0, 0] == -127 and values[2, 0, -1] == 127
+    np.testing.assert_allclose(values * scale[:, None, None], table, atol=float(scale[[0, 2]].max()) / 2 * 1.0001)
+
+
 def test_table_config_errors_are_one_line():
     with pytest.raises(qcompile.QCompileError, match="a bit-width search .* needs --weights nl, not table"):
         qcompile.QuantConfig(weights="table", bits=(3, 5))
     with pytest.raises(qcompile.QCompileError, match="fit must be one of output, weight"):
         qcompile.QuantConfig(weights="table", fit="hessian")
     qcompile.QuantConfig(weights="table", block=32)  # per-block free tables are fine
+    with pytest.raises(qcompile.QCompileError, match="--acts dynamic needs nl, affine or table weights"):
+        qcompile.QuantConfig(weights="int8", acts="dynamic")
