@@ -136,16 +136,20 @@ def _uses_library(path: Path) -> bool:
     return any(o.domain == "qcompile" for o in onnx.load(path, load_external_data=False).opset_import)
 
 
-def _session_megabytes(path: Path, samples: Path) -> float:
-    """Peak resident memory (MB) of a fresh process that opens the model and runs one sample, minus that
-    of the same process before opening it."""
-    code = ("import resource, numpy as np; from qcompile.runtime import make_session; "
+def _session_megabytes(path: Path, samples: Path) -> str:
+    """"PEAK / RESIDENT" MB: the peak resident memory of a fresh process that opens the model (through
+    qcompile.runtime.make_session) and runs one sample, and what stays resident after, each minus the
+    process's before opening it. Read from /proc (VmHWM, VmRSS): getrusage's ru_maxrss survives execve,
+    so a child of a large benchmark process would start at its parent's peak."""
+    code = ("import numpy as np; from qcompile.runtime import make_session; "
+            "kb = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]); "
             "feed = {k: v[:1] for k, v in np.load(%r).items()}; "
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "make_session(%r).run(None, feed); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)") % (str(samples), str(path))
+            "peak, resident = kb('VmHWM'), kb('VmRSS'); "
+            "session = make_session(%r); session.run(None, feed); "
+            "print((kb('VmHWM') - peak) / 1024, (kb('VmRSS') - resident) / 1024)") % (str(samples), str(path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return round(float(result.stdout.strip().splitlines()[-1]), 1)
+    peak, resident = (float(value) for value in result.stdout.strip().splitlines()[-1].split())
+    return f"{peak:.1f} / {resident:.1f}"
 
 
 def word_similarity(session) -> dict:
@@ -242,7 +246,7 @@ def markdown(results: dict) -> str:
         seconds = {method: by_bits["4"]["compile_seconds"] for method, by_bits in result["rows"].items()
                    if "compile_seconds" in by_bits.get("4", {})}
         lines += ["", "Whole compile at 4 bits (s, 2 cores): " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
-                  "", f"Batch-1 latency ({THREADS} threads, median of {LATENCY_RUNS} interleaved runs) and memory a session holds:", "",
+                  "", f"Batch-1 latency ({THREADS} threads, median of {LATENCY_RUNS} interleaved runs) and memory a session holds (MB, peak / resident):", "",
                   "| artifact | ms | x float | session MB |", "|---|---|---|---|"]
         base = result["latency_ms_batch1"]["float"]
         for key, ms in result["latency_ms_batch1"].items():

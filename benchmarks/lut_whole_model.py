@@ -101,7 +101,7 @@ def _markdown(rows: dict, runs: int) -> str:
     lines = [f"{MODEL}, batch 1, 64 tokens, {THREADS} threads, median of {runs} interleaved runs; SQNR and mean "
              f"cosine against float on {EVAL} held-out sentences.", "",
              "| method | SQNR (dB) | cosine | latency (ms) | x float | x MatMulNBits RTN (level 0) "
-             "| x fastest MatMulNBits | x float bytes | session MB | compile (s) |",
+             "| x fastest MatMulNBits | x float bytes | session MB (peak / resident) | compile (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
         lines.append(f"| {label} | {row['sqnr_db']:.2f} | {row['cosine']} | {row['latency_ms']:.2f} "

@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: the one place where qcompile opens them."""
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import onnx
@@ -38,7 +39,20 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
         options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
     options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, not stderr lines
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if _uses_custom_ops(model):
+        _return_freed_memory()
+    return session
+
+
+def _return_freed_memory() -> None:
+    """Give the heap ONNX Runtime freed back to the system. Folding lookup-table weights at session start
+    allocates and frees about 40 bytes per weight (the decode's index arithmetic); glibc keeps that
+    heap, so a whole-MiniLM --acts dynamic session stayed at 540 MB resident instead of 37 MB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _uses_custom_ops(model: onnx.ModelProto | str) -> bool:
