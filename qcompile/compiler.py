@@ -55,7 +55,8 @@ def _check_target(target, max_drop, config: QuantConfig) -> None:
         raise QCompileError(f"max_drop must be a finite number >= 0 (how far below float the target metric may "
                             f"fall), got {max_drop!r}")
     if not config.static_acts or config.lut_weights:
-        raise QCompileError("target= chooses which W8A8 node groups stay float: it needs acts='int8' with int8, int4 or no weight quantization")
+        raise QCompileError("target= chooses which W8A8 node groups stay float: it needs acts='int8' with int8, int4 "
+                            "or no weight quantization")
     if config.target_sqnr is not None:
         raise QCompileError("give target_sqnr or target=, not both")
 

@@ -167,7 +167,8 @@ def keep_float(state: CompileState) -> None:
         return
     probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
     full = probe(plan_.integer)
-    search = _keep_float_for_metric(state, probe, full) if state.target else _keep_float_for_sqnr(state, probe, full)
+    search = (_keep_float_for_metric(state, probe, full) if state.target is not None
+              else _keep_float_for_sqnr(state, probe, full))
     state.float_search = search
     if search.floated:
         plan_.floated.update(search.floated)
