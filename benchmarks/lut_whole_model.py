@@ -66,11 +66,13 @@ def main() -> None:
 
     # Sentence by sentence, as deployed at batch 1: a dynamic range is then one sentence's.
     feeds = [{name: values[i:i + 1] for name, values in evaluation.items()} for i in range(EVAL)]
-    sessions, rows = {}, {}
+    sessions = {label: make_session(str(path), threads=THREADS, use_library=True if _uses_library(path) else None)
+                for label, path in paths.items()}
+    outputs = {label: np.concatenate([session.run(None, feed)[0] for feed in feeds]).astype(np.float64)
+               for label, session in sessions.items()}
+    reference, rows = outputs["float"], {}
     for label, path in paths.items():
-        sessions[label] = make_session(str(path), threads=THREADS, use_library=True if _uses_library(path) else None)
-        output = np.concatenate([sessions[label].run(None, feed)[0] for feed in feeds]).astype(np.float64)
-        reference = output if label == "float" else reference
+        output = outputs[label]
         rows[label] = {"sqnr_db": _sqnr(reference, output), "cosine": round(float(np.mean(row_cosines(reference, output))), 4),
                        "bytes": model_bytes(path), "session_mb": _session_megabytes(path, out / "eval.npz"),
                        "compile_seconds": seconds.get(label)}

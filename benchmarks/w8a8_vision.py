@@ -214,21 +214,20 @@ def quantize_qcompile(folder: str, target: float | None, max_drop: float | None 
     folder = Path(folder)
     start = time.perf_counter()
     config = qcompile.QuantConfig(weights="int8", acts="int8", target_sqnr=target)
-    out = folder / ("qcompile" if target is None else f"qcompile_target_{target:g}")
-    archive = np.load(folder / "eval.npz")
-    feeds = [{name: archive[name][i : i + 1] for name in archive.files} for i in range(len(archive[archive.files[0]]))]
-
-    def outputs(session) -> np.ndarray:
-        return np.concatenate([session.run(None, feed)[0] for feed in feeds])
-
-    def metric(session) -> float:
-        return _agreement(agreement, reference, outputs(session))
-
+    out, metric = folder / ("qcompile" if target is None else f"qcompile_target_{target:g}"), None
     if max_drop is not None:
+        archive = np.load(folder / "eval.npz")
+        feeds = [{name: archive[name][i : i + 1] for name in archive.files} for i in range(len(archive[archive.files[0]]))]
+
+        def outputs(session) -> np.ndarray:
+            return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+        def metric(session) -> float:
+            return _agreement(agreement, reference, outputs(session))
+
         reference, out = outputs(make_session(str(folder / "model.onnx"))), folder / f"qcompile_drop_{max_drop:g}"
     artifact = qcompile.compile(folder / "model.onnx", config, calib=folder / "calib.npz",
-                                verify_data=folder / "eval.npz", target=metric if max_drop is not None else None,
-                                max_drop=max_drop)
+                                verify_data=folder / "eval.npz", target=metric, max_drop=max_drop)
     artifact.save(out, force=True)
     verification = artifact.manifest["verification"]["outputs"]
     search = artifact.manifest["float_search"] or {}

@@ -198,10 +198,8 @@ def _keep_float_for_metric(state: CompileState, probe: sensitivity.GatedProbe, f
 
     full_metric = metric_of(plan_.integer)
     if full_metric >= float_metric - state.max_drop:
-        search = sensitivity.FloatSearch(None, full, sqnr_db=full)
-        search.metric = {"float": float_metric, "max_drop": state.max_drop,
-                         "required": float_metric - state.max_drop, "reached": full_metric, "evaluations": 1}
-        return search
+        return sensitivity.FloatSearch(None, full, sqnr_db=full,
+                                       metric=sensitivity.metric_record(float_metric, state.max_drop, full_metric, 1))
     measure_sensitivity(state, probe)
     search = sensitivity.keep_float_for_metric(probe, state.sensitivity, full, metric_of, float_metric,
                                                state.max_drop, full_metric)

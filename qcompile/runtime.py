@@ -23,7 +23,8 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
     falling back with a one-line note where it cannot be built (None).
     profile_prefix: turn on ONNX Runtime's profiler, writing its JSON file under this prefix."""
     options = ort.SessionOptions()
-    if use_library is None and _uses_custom_ops(model):
+    custom_ops = _uses_custom_ops(model)
+    if use_library is None and custom_ops:
         try:
             ops.register(options)
         except QCompileError as error:
@@ -40,7 +41,7 @@ def make_session(model: onnx.ModelProto | str, threads: int = DETERMINISTIC_THRE
     options.log_severity_level = 4  # fatal only: its errors reach the caller as exceptions, not stderr lines
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    if _uses_custom_ops(model):
+    if custom_ops:
         _return_freed_memory()
     return session
 

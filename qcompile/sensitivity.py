@@ -318,11 +318,16 @@ def keep_float_for_metric(probe: GatedProbe, ranked: list[GroupSensitivity], ful
 
     floated = _shortest_prefix(order, lambda length: value(length) >= required)
     search.sqnr_db = probe(plan.integer - set(floated))
-    search.metric = {"float": float_metric, "max_drop": max_drop, "required": required,
-                     "reached": value(len(floated)), "evaluations": len(values)}
+    search.metric = metric_record(float_metric, max_drop, value(len(floated)), len(values))
     search.floated = {node: f"kept float to keep the target metric within {max_drop:g} of float (its sensitivity "
                             "and cost: report.html)" for node in floated}
     return search
+
+
+def metric_record(float_metric: float, max_drop: float, reached: float, evaluations: int) -> dict:
+    """FloatSearch.metric: the user metric's float value, target, value as compiled and deployed models measured."""
+    return {"float": float_metric, "max_drop": max_drop, "required": float_metric - max_drop, "reached": reached,
+            "evaluations": evaluations}
 
 
 def _float_order(ranked: list[GroupSensitivity], full_db: float) -> list[str]:
