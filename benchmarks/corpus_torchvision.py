@@ -32,7 +32,8 @@ from pathlib import Path
 EXPORTS = (("legacy", 11), ("legacy", 13), ("dynamo", 17), ("dynamo", 18))
 DEFAULT_ARCHS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5",
                  "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vit_tiny")
-IMAGE_SIZE = {"vit_b_16": 224, "swin_t": 224, "vit_tiny": 64}  # others: 64 x 64 (all-convolutional with pooling)
+# others: 64 x 64 (all-convolutional with pooling)
+IMAGE_SIZE = {"vit_b_16": 224, "swin_t": 224, "vit_tiny": 64, "vit_s16": 224}
 SAMPLES = 4
 RECIPE = 2  # bump when build() or the data change: cached exports of another recipe are redone
 EXPORT_TIMEOUT = 900.0
@@ -70,6 +71,10 @@ def build(arch: str):
         from torchvision.models.vision_transformer import VisionTransformer
 
         net = VisionTransformer(image_size=64, patch_size=8, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768)
+    elif arch == "vit_s16":  # ViT-S/16's shape (22 M parameters), for w8a8_vision.py; too slow for DEFAULT_ARCHS
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        net = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
     else:
         net = getattr(models, arch)(weights=None)
     return _healthy(net, IMAGE_SIZE.get(arch, 64))

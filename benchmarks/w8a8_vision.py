@@ -9,6 +9,11 @@ bundles, the first half calibrates and the second half evaluates, as in the zoo)
   statistics measured as benchmarks/corpus_torchvision.py does), legacy TorchScript exporter, opset 13.
 * resnet18: torchvision's ResNet-18, RANDOM weights likewise, legacy exporter, opset 13, exported
   without constant folding so that its 20 BatchNormalization nodes stay unfolded in the graph.
+* vit-s16: torchvision's VisionTransformer at ViT-S/16's shape (12 layers, 6 heads, width 384, MLP
+  1536, 16 x 16 patches of 224 x 224 crops), RANDOM weights (the zero-initialised head gets small
+  random weights, as in benchmarks/corpus_torchvision.py), legacy exporter, opset 14: the smallest
+  at which it exports nn.MultiheadAttention's aten::scaled_dot_product_attention (opset 13 raises
+  UnsupportedOperatorError).
 * ppocrv4-det, ppocrv4-rec: PaddleOCR's pre-trained PP-OCRv4 text detector and recogniser, as
   shipped in the `rapidocr-onnxruntime` wheel (opset 12), on models/ocr.py's samples: Lee-corpus
   text rendered onto photo crops, 256 x 256 pages (detector) and 48 x 320 lines (recogniser).
@@ -78,6 +83,7 @@ BENCHES = {
     "mobilenet-v3-large": Bench("MobileNetV3-Large (torchvision), RANDOM weights, 224 x 224 photo crops", "top-1", (32, 32)),
     "resnet18": Bench("ResNet-18 (torchvision), RANDOM weights, BatchNorm unfolded, 224 x 224 photo crops", "top-1",
                       (32, 32)),
+    "vit-s16": Bench("ViT-S/16 (torchvision architecture), RANDOM weights, 224 x 224 photo crops", "top-1", (32, 32)),
     "ppocrv4-det": Bench("PP-OCRv4 text detector (PaddleOCR), pre-trained, 256 x 256 pages of rendered text", None,
                          (32, 32)),
     "ppocrv4-rec": Bench("PP-OCRv4 text recogniser (PaddleOCR), pre-trained, 48 x 320 rendered text lines",
@@ -86,7 +92,7 @@ BENCHES = {
     "all-minilm-l6-v2": Bench("all-MiniLM-L6-v2, pre-trained, Lee-corpus sentences", "cosine", (64, 64),
                               attention_mask=True),
 }
-TORCHVISION = ("mobilenet-v3-large", "resnet18")
+TORCHVISION = ("mobilenet-v3-large", "resnet18", "vit-s16")
 OCR = ("ppocrv4-det", "ppocrv4-rec")
 
 
@@ -94,8 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(BENCHES), default=list(BENCHES))
     parser.add_argument("--out", type=Path, default=Path("build/bench/w8a8_vision"))
-    parser.add_argument("--calib", type=int, help="calibration samples (default: 32, 64 for ViT and MiniLM)")
-    parser.add_argument("--eval", type=int, help="held-out samples (default: 32, 64 for ViT and MiniLM)")
+    parser.add_argument("--calib", type=int, help="calibration samples (default: 32, 64 for tiny-vit-vanilla and MiniLM)")
+    parser.add_argument("--eval", type=int, help="held-out samples (default: 32, 64 for tiny-vit-vanilla and MiniLM)")
     parser.add_argument("--runs", type=int, default=3000, help="timed runs per session, in 100 interleaved rounds")
     parser.add_argument("--targets", type=float, nargs="*", default=[],
                         help="also compile with each of these --target-sqnr values (0: every group integer)")
@@ -186,15 +192,17 @@ def _samples(name: str, split: str, count: int) -> dict[str, np.ndarray]:
 
 
 def _export_torchvision(name: str, path: Path) -> None:
-    """Random weights from corpus_torchvision.build; the legacy exporter at opset 13, batch 1. Without
-    constant folding the exporter leaves BatchNormalization unfolded (asserted for ResNet-18)."""
+    """Random weights from corpus_torchvision.build; the legacy exporter at opset 13 (14 for ViT, whose
+    scaled_dot_product_attention it exports only from 14), batch 1. Without constant folding the
+    exporter leaves BatchNormalization unfolded (asserted for ResNet-18)."""
     import onnx
     import torch
 
     from corpus_torchvision import build
 
     net = build(name.replace("-", "_"))
-    torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=13,
+    opset = 14 if name == "vit-s16" else 13
+    torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=opset,
                       input_names=["images"], output_names=["logits"], do_constant_folding=name != "resnet18")
     if name == "resnet18":
         nodes = onnx.load(str(path)).graph.node
