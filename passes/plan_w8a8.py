@@ -4,6 +4,8 @@ A group is a node plus the tensors ONNX Runtime needs quantized to fuse it (its 
     Conv with a constant weight       ->  input, weight (per output channel), int32 bias, output  ->  QLinearConv
     Gemm with a constant weight       ->  input, weight, int32 bias (float output*)               ->  QGemm
     MatMul with a constant weight     ->  input, weight (float output*)                           ->  MatMulIntegerToFloat
+      and a bias Add ONNX Runtime     ->  input, weight, int32 bias of the Add (float output*)    ->  QGemm
+      fuses into one Gemm with it
     MatMul of two activations         ->  both inputs (if quantize_attention)                     ->  MatMulIntegerToFloat
     Add / Mul of two activations, Concat, GlobalAveragePool, AveragePool, Sigmoid, LeakyRelu
                                       ->  inputs and output                                       ->  QLinearAdd, ...
@@ -18,6 +20,9 @@ their rounding buys no speed or the QuantizeLinear nodes they need cost more tha
 Sigmoid output gets the fixed range [0, 1], a Clip output its bounds. Every other compute node
 (HardSwish, LayerNormalization, ...) stays float, listed with the reason in plan.skipped; so does
 a node whose weight would only be dequantized on every run.
+Which MatMul + bias Add pairs ONNX Runtime fuses into a Gemm (where the input's shape is static: a
+ViT at a fixed image size, not a text model with a free sequence length) is read from the graph it
+optimizes; left float, the bias would keep that Gemm float, all its inputs dequantized on every run.
 With acts "none" only weights are planned (weight-only: smaller, not faster).
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompile.deployed import gemm_fused_matmuls
 from qcompile.pipeline import CompileContext, PassResult
 from qcompile.plan import NodeGroup, QuantPlan, SkippedNode, TensorSpec
 
@@ -51,9 +57,10 @@ class PlanW8A8:
     def run(self, context: CompileContext) -> PassResult:
         config, plan = context.config, QuantPlan()
         outputs = {tensor.name for tensor in context.graph.outputs}
+        bias_adds = _bias_adds(context) if config.static_acts and config.qdq_weights != "none" else {}
         for node in context.graph.nodes:
             if node.op in LINEAR_OPS:
-                _plan_linear(node, plan, config, outputs)
+                _plan_linear(node, plan, config, outputs, bias_adds.get(node.name))
             elif node.op == "Gather" and config.qdq_weights != "none" and _is_table(node.inputs[0]):
                 plan.add_group(NodeGroup(node.name, node.op, "Gather", (TensorSpec(
                     node.inputs[0].name, "weight", config.qdq_weights, _table_axis(node), ((node.name, 0),),
@@ -68,7 +75,27 @@ class PlanW8A8:
                              f"{len(plan.of_kind('activation'))} activations, {len(plan.skipped)} nodes kept in float")
 
 
-def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]) -> None:
+def _bias_adds(context: CompileContext) -> dict[str, gs.Node]:
+    """MatMul -> the Add of its constant per-channel bias, for the pairs ONNX Runtime fuses into a Gemm."""
+    pairs = {}
+    for node in context.graph.nodes:
+        readers = node.outputs[0].outputs if node.op == "MatMul" else []
+        if (len(readers) == 1 and readers[0].op == "Add" and isinstance(node.inputs[1], gs.Constant)
+                and len(node.inputs[1].shape) == 2):
+            bias = _bias_input(readers[0], node)
+            if bias is not None and _is_channel_bias(node, readers[0].inputs[bias], node.inputs[1]):
+                pairs[node.name] = readers[0]
+    fused = gemm_fused_matmuls(context.model) if pairs else set()
+    return {name: add for name, add in pairs.items() if name in fused}
+
+
+def _bias_input(add: gs.Node, matmul: gs.Node) -> int | None:
+    """The index of the Add's other input than the MatMul's output."""
+    inputs = [t.name for t in add.inputs]
+    return None if len(inputs) != 2 or inputs[0] == inputs[1] else 1 - inputs.index(matmul.outputs[0].name)
+
+
+def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str], bias_add: gs.Node | None) -> None:
     acts, weights = config.static_acts, config.qdq_weights != "none"
     data_inputs = node.inputs[:2]
     if not all(_is_float(t) for t in data_inputs):
@@ -100,6 +127,12 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
                                                                        "no integer kernel"))
         specs.append(TensorSpec(bias.name, "bias", "int32", 0, ((node.name, 2),), f"{node.op} bias",
                                 operands=(activation.name, weight.name)))
+    if bias_add is not None:  # ONNX Runtime makes MatMul + Add one Gemm: its QGemm needs the bias int32
+        index = _bias_input(bias_add, node)
+        specs.append(TensorSpec(bias_add.inputs[index].name, "bias", "int32", 0, ((bias_add.name, index),),
+                                "MatMul bias (Add), fused by ONNX Runtime into a Gemm", operands=(activation.name, weight.name)))
+        return plan.add_group(NodeGroup(node.name, node.op, "QGemm", tuple(specs), absorbed=(bias_add.name,),
+                                        tied_output=_tied_output(bias_add, graph_outputs)))
     kernel = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}[node.op]
     if node.op != "Conv":
         return plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs), tied_output=_tied_output(node, graph_outputs)))

@@ -2,8 +2,9 @@
 
 Read from the graph ONNX Runtime itself optimizes (`SessionOptions.optimized_model_filepath`,
 the optimization level deployed sessions use), not from a model of its fusion rules. Fused nodes
-keep the original node's name (with a `_token_N` suffix where the layout transformer rewrote it),
-so each Conv / MatMul / Gemm of the artifact is looked up by name.
+keep the original node's name, with suffixes: `_token_N` where the layout transformer rewrote it, and
+the fusion's name (`/MatMulAddFusion` where a MatMul and its bias Add became one Gemm,
+`/MatmulTransposeFusion/`, ...), so each Conv / MatMul / Gemm of the artifact is looked up by name.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from .runtime import make_session
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 INTEGER_KERNELS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
                    "DynamicQuantizeMatMul", "QGemm", "QAttention", "NhwcQLinearConv"}
-_LAYOUT_SUFFIX = re.compile(r"_token_\d+$")
+_FUSION_SUFFIX = re.compile(r"(/+\w+Fusion/*)*(_token_\d+)?$")
+
+
+def source_node(optimized_name: str) -> str:
+    """The name of the node an optimized-graph node came from."""
+    return _FUSION_SUFFIX.sub("", optimized_name)
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,23 @@ def deployed_session(model: onnx.ModelProto | str | Path) -> tuple[ort.Inference
         optimized = onnx.load(str(optimized_path), load_external_data=False)
     became = {}
     for node in optimized.graph.node:
-        became.setdefault(_LAYOUT_SUFFIX.sub("", node.name), node.op_type)
+        became.setdefault(source_node(node.name), node.op_type)
     kernels: dict[str, dict[str, str | None]] = {}
     for node in graph.node:
         if node.op_type in COMPUTE_OPS:
             kernels.setdefault(node.op_type, {})[node.name] = became.get(node.name)
     return session, DeployedKernels(kernels)
+
+
+def gemm_fused_matmuls(model: onnx.ModelProto) -> set[str]:
+    """The MatMul nodes of `model` that ONNX Runtime's MatMulAddFusion turns, with the Add that reads
+    them, into a Gemm (it does where the input's shape is static, or the input is 2-D). Their integer
+    kernel is then QGemm, which takes the bias only as int32 from a DequantizeLinear; a float bias
+    leaves the Gemm float, every DequantizeLinear before it running on each call."""
+    with tempfile.TemporaryDirectory(prefix="qcompile-fusions-") as folder:
+        optimized_path = Path(folder) / "optimized.onnx"
+        make_session(model, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=optimized_path)
+        optimized = onnx.load(str(optimized_path), load_external_data=False)
+    matmuls = {node.name for node in model.graph.node if node.op_type == "MatMul"}
+    return {source_node(node.name) for node in optimized.graph.node
+            if node.op_type == "Gemm" and source_node(node.name) in matmuls}

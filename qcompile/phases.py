@@ -35,7 +35,10 @@ from .plan import QuantPlan
 from .runtime import DETERMINISTIC_THREADS, make_session
 from .verify import verify as verify_model
 
-PROBE_SAMPLES = 32  # calibration samples on which lookup-table candidates are scored end to end
+PROBE_SAMPLES = 32  # calibration samples on which lookup-table candidates and W8A8 float sets are scored end to end
+# Of those, the ones each W8A8 group's sensitivity (two sets per group, used only to rank them) is scored on:
+# on a ViT-S/16, 32 took 6 of the compile's 7 minutes.
+SENSITIVITY_SAMPLES = 8
 CHECK_SAMPLES = 4  # samples on which the float model (and an opset conversion) is checked at load
 
 
@@ -183,7 +186,7 @@ def _keep_float_for_sqnr(state: CompileState, probe: sensitivity.GatedProbe, ful
     held_out_full = held_out(plan_.integer) if held_out is not None and full >= target else None
     if full >= target and (held_out_full is None or held_out_full >= target):
         return sensitivity.FloatSearch(target, full, sqnr_db=full, held_out_db=held_out_full)
-    measure_sensitivity(state, probe)
+    measure_sensitivity(state)
     return sensitivity.keep_float(probe, state.sensitivity, target, full, held_out)
 
 
@@ -200,7 +203,7 @@ def _keep_float_for_metric(state: CompileState, probe: sensitivity.GatedProbe, f
     if full_metric >= float_metric - state.max_drop:
         return sensitivity.FloatSearch(None, full, sqnr_db=full,
                                        metric=sensitivity.metric_record(float_metric, state.max_drop, full_metric, 1))
-    measure_sensitivity(state, probe)
+    measure_sensitivity(state)
     search = sensitivity.keep_float_for_metric(probe, state.sensitivity, full, metric_of, float_metric,
                                                state.max_drop, full_metric)
     if search.metric["reached"] < search.metric["required"]:
@@ -253,17 +256,17 @@ class _HeldOutCheck:
         return decibels(signal, noise)
 
 
-def measure_sensitivity(state: CompileState, probe: sensitivity.GatedProbe | None = None) -> None:
+def measure_sensitivity(state: CompileState) -> None:
     """state.sensitivity: every integer group's sensitivity and the measured cost of keeping it float."""
     plan_ = state.context.plan
-    probe = probe or sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state)))
+    probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state), SENSITIVITY_SAMPLES))
     feed = next(iter(batched(itertools.islice(_reiterable(state), 1), state.inputs, 1)))
     costs = sensitivity.latency_costs(state.reference, _deployed_model(state), plan_, feed)
     state.sensitivity = sensitivity.sensitivity(probe, costs, state.config.executor, state.config.workers)
 
 
-def _probe_feeds(state: CompileState, feeds) -> list[dict]:
-    return list(batched(itertools.islice(feeds, PROBE_SAMPLES), state.inputs, state.config.calib_batch_size))
+def _probe_feeds(state: CompileState, feeds, samples: int = PROBE_SAMPLES) -> list[dict]:
+    return list(batched(itertools.islice(feeds, samples), state.inputs, state.config.calib_batch_size))
 
 
 def _deployed_model(state: CompileState) -> onnx.ModelProto:

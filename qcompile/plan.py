@@ -86,7 +86,8 @@ class NodeGroup:
     a graph input and a float bias Add).
     listed: whether it is named among the nodes kept float when it is not integer (a data-movement
         op is not).
-    absorbed: the Relu / Clip between the node and its quantized output, which ONNX Runtime drops.
+    absorbed: the Relu / Clip between the node and its quantized output, which ONNX Runtime drops, or
+        the bias Add it fuses into the node.
     tied_output: for a kernel with a float output (QGemm, MatMulIntegerToFloat), its output
         quantized for every reader, used when any integer reader quantizes it: ONNX Runtime fuses
         a node whose output feeds QuantizeLinear nodes only, or none.

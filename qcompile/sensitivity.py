@@ -7,8 +7,9 @@ reaches a target.
   session scores any set of integer groups by feeding switches (int32 biases are left float: their
   rounding is far below the weights'). It runs the fake-quant arithmetic in float, not ONNX Runtime's
   integer kernels; the compile's verification measures the deployed model.
-* `sensitivity`: per group, output SQNR when only it is quantized and when only it stays float (with
-  the optional groups that drop out with it), scored in chunks on an executor (local pool, Ray).
+* `sensitivity`: per computing group (not a data-movement one), output SQNR when only it is quantized
+  and when only it stays float (with the optional groups that drop out with it), scored in chunks on
+  an executor (local pool, Ray) where the machine has cores to spare.
 * `latency_costs`: per group, the run time keeping it float adds, read from ONNX Runtime's profiler:
   its float node(s) in the float model minus its integer kernel in the deployed model, plus the
   QuantizeLinear / DequantizeLinear its inputs and output then need, at the measured per-element rate;
@@ -25,7 +26,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,18 +33,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
+from .deployed import source_node
 from .lut.executors import make_executor
 from .lut.search import SqnrProbe
 from .numerics import json_number, quantize
 from .plan import QuantPlan
-from .runtime import make_session
+from .runtime import DETERMINISTIC_THREADS, make_session
 
 PROFILE_RUNS = 20
 HELD_OUT_ROUNDS = 8
 MIN_RAISE_DB = 0.1
 WORKER_START_SECONDS = 10.0  # a worker process imports qcompile and opens the probe session before scoring
-_LAYOUT_SUFFIX = re.compile(r"_token_\d+$")
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,12 @@ class GroupSensitivity:
     quantized_alone_db: float  # output SQNR with only this group quantized
     float_alone_db: float  # with every other group quantized
     cost_us: float  # run time keeping it float adds (measured)
+    noise_removed: float  # output noise power (relative to the signal) keeping only it float removes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "quantized_alone_db": json_number(self.quantized_alone_db),
-                "float_alone_db": json_number(self.float_alone_db), "cost_us": round(self.cost_us, 1)}
+                "float_alone_db": json_number(self.float_alone_db), "cost_us": round(self.cost_us, 1),
+                "noise_removed": float(f"{self.noise_removed:.3g}")}
 
 
 @dataclass
@@ -169,14 +172,16 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def sensitivity(probe: GatedProbe, costs: dict[str, float], executor_name: str = "serial",
                 workers: int | None = None) -> list[GroupSensitivity]:
-    """Per integer group, sorted by how much SQNR keeping it float buys (most first)."""
+    """Per integer group that computes (data-movement groups, a Reshape on the integer codes, are left
+    out: they stay integer exactly while a neighbour does), sorted by how much SQNR keeping it float
+    buys (most first)."""
     plan = probe.plan
-    groups = [g for g in plan.groups if g.node in plan.integer]
-    sets = [probe.switches({g.node}, alone=True) for g in groups]
+    groups = [g for g in plan.groups if g.node in plan.integer and g.listed]
+    sets = [probe.switches(plan.integer)] + [probe.switches({g.node}, alone=True) for g in groups]
     sets += [probe.switches(plan.integer - {g.node}) for g in groups]
     scores = score_sets(probe, sets, executor_name, workers)
-    alone, without = scores[:len(groups)], scores[len(groups):]
-    result = [GroupSensitivity(g.node, g.op_type, g.kernel, a, w, costs.get(g.node, 0.0))
+    full, alone, without = scores[0], scores[1:len(groups) + 1], scores[len(groups) + 1:]
+    result = [GroupSensitivity(g.node, g.op_type, g.kernel, a, w, costs.get(g.node, 0.0), _noise(full) - _noise(w))
               for g, a, w in zip(groups, alone, without)]
     return sorted(result, key=lambda s: -s.float_alone_db)
 
@@ -188,9 +193,12 @@ def score_sets(probe: GatedProbe, sets: list[dict], executor_name: str, workers:
         return []
     started = time.perf_counter()
     first = probe.probe(sets[0])
-    chunks = max(1, min(len(sets) - 1, workers or os.cpu_count() or 1)) if executor_name != "serial" else 1
+    # One session already runs on DETERMINISTIC_THREADS cores: more workers than cores / that only contend.
+    default_workers = max(1, (os.cpu_count() or 1) // DETERMINISTIC_THREADS)
+    chunks = max(1, min(len(sets) - 1, workers or default_workers)) if executor_name != "serial" else 1
     if chunks == 1 or (time.perf_counter() - started) * (len(sets) - 1) < WORKER_START_SECONDS * chunks:
-        return [first] + [probe.probe(s) for s in sets[1:]]
+        return [first] + [probe.probe(s) for s in tqdm(sets[1:], desc=f"scoring {len(sets)} group sets",
+                                                     unit="set", leave=False)]
     model, rest = probe.model.SerializeToString(), sets[1:]
     tasks = [(model, probe.defaults, probe.probe.feeds, rest[i::chunks]) for i in range(chunks)]
     parts = make_executor(executor_name, workers).map(_score_chunk, tasks, f"scoring {len(sets)} group sets")
@@ -245,7 +253,7 @@ def _profile(model: onnx.ModelProto, feed: dict, qdq_rate: bool = False) -> tupl
     fastest = {node: float(min(durations)) for node, durations in runs.items()}
     times, counts = collections.defaultdict(float), collections.defaultdict(int)
     for node, duration in fastest.items():
-        name = _LAYOUT_SUFFIX.sub("", node)
+        name = source_node(node)
         times[name] += duration
         counts[name] += elements[node]
     if qdq_rate:
@@ -262,10 +270,9 @@ def keep_float(probe: GatedProbe, ranked: list[GroupSensitivity], target_db: flo
     less does. full_db: the probe's SQNR with every group integer."""
     plan = probe.plan
     search = FloatSearch(target_db, full_db)
-    order, costs = _float_order(ranked, full_db), {s.node: s.cost_us for s in ranked}
+    order, costs = _float_order(ranked), {s.node: s.cost_us for s in ranked}
 
-    # Already scored: every group integer, and each group alone float (the sensitivity pass).
-    measured: dict[frozenset, float] = {frozenset(): full_db, **{frozenset({s.node}): s.float_alone_db for s in ranked}}
+    measured: dict[frozenset, float] = {frozenset(): full_db}  # (the sensitivity pass scored other samples)
     search.front.append({"floated": 0, "cost_us": 0.0, "sqnr_db": json_number(full_db)})
 
     def measure(floated: list[str]) -> float:
@@ -304,7 +311,7 @@ def keep_float_for_metric(probe: GatedProbe, ranked: list[GroupSensitivity], ful
     metric with every group integer."""
     plan = probe.plan
     search = FloatSearch(None, full_db)
-    order, costs = _float_order(ranked, full_db), {s.node: s.cost_us for s in ranked}
+    order, costs = _float_order(ranked), {s.node: s.cost_us for s in ranked}
     required = float_metric - max_drop
     values = {0: full_metric}
     search.front.append({"floated": 0, "cost_us": 0.0, "metric": full_metric})
@@ -330,11 +337,10 @@ def metric_record(float_metric: float, max_drop: float, reached: float, evaluati
             "evaluations": evaluations}
 
 
-def _float_order(ranked: list[GroupSensitivity], full_db: float) -> list[str]:
+def _float_order(ranked: list[GroupSensitivity]) -> list[str]:
     """Groups by the noise keeping them float removes per microsecond of run time it gives up; a group
     whose removal does not help is left out (it never floats)."""
-    full_noise = _noise(full_db)
-    gains = {s.node: max(full_noise - _noise(s.float_alone_db), 0.0) / max(s.cost_us, 1.0) for s in ranked}
+    gains = {s.node: max(s.noise_removed, 0.0) / max(s.cost_us, 1.0) for s in ranked}
     return [s.node for s in sorted(ranked, key=lambda s: -gains[s.node]) if gains[s.node] > 0]
 
 

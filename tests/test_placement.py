@@ -261,3 +261,51 @@ def test_spelled_out_hard_swish_becomes_one_or_two_ops(rng, opset, fused):
                                    rtol=1e-4, atol=1e-4)
     quantized = _compile(model)
     assert quantized.manifest["deployed"]["summary"] == "1/2 Conv as QLinearConv"  # conv2 writes the graph output
+
+
+def _linear_layers(shape):
+    """x @ W1 + b1 (bias first in the Add) -> Relu -> x @ W2 + b2: nn.Linear as the exporters write it."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal((16, 32)) * 0.3).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
+               numpy_helper.from_array((rng.standard_normal((32, 16)) * 0.3).astype(np.float32), "w2"),
+               numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+             helper.make_node("Add", ["b1", "h1"], ["a1"], name="fc1_bias"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Add", ["h2", "b2"], ["y"], name="fc2_bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shape, kernel, biases", [
+    ([1, 6, 16], "QGemm", {"b1": [["fc1_bias", 0]], "b2": [["fc2_bias", 1]]}),
+    (["batch", "tokens", 16], "MatMulIntegerToFloat", {}),
+])
+def test_a_matmul_bias_add_is_int32_where_onnx_runtime_fuses_them_into_a_gemm(shape, kernel, biases):
+    """At a static input shape ONNX Runtime's MatMulAddFusion makes MatMul + Add one Gemm, whose integer
+    kernel (QGemm) takes the bias only as int32: a float bias left it a float Gemm on dequantized
+    inputs (torchvision's ViT-S/16 ran at 1.9x float). With a free dimension it does not fuse, and the
+    bias stays a float Add after MatMulIntegerToFloat."""
+    model = _linear_layers(shape)
+    samples = [{"x": np.random.default_rng(i).standard_normal((1, 6, 16)).astype(np.float32)} for i in range(20)]
+    artifact = qcompile.compile(model, qcompile.QuantConfig(), calib=samples[:16], verify_data=samples[16:])
+    assert artifact.manifest["deployed"]["summary"] == f"2/2 MatMul as {kernel}"
+    int32 = {t["tensor"]: t["consumers"] for t in artifact.manifest["plan"]["tensors"] if t["dtype"] == "int32"}
+    assert int32 == biases
+    kept = {s["node"] for s in artifact.manifest["plan"]["kept_float"]}
+    assert ("fc1_bias" in kept) == (not biases)
+    assert _measured_sqnr(model, artifact.model, samples[16:]) > 35
+
+
+def test_nodes_onnx_runtime_fused_are_found_under_their_fusion_suffixes():
+    """ONNX Runtime names a fused node after the original plus the fusion ('scores/MatmulTransposeFusion/');
+    what the float or the deployed model runs each MatMul as is looked up through that suffix."""
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="transpose", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["y"], name="scores")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert deployed_kernels(model).kernels == {"MatMul": {"scores": "FusedMatMul"}}
