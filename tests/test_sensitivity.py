@@ -169,3 +169,14 @@ def test_a_bad_user_metric_is_a_one_line_error(tiny_bert, kwargs, config, messag
     with pytest.raises(qcompile.QCompileError, match=message):
         qcompile.compile(tiny_bert["model"], qcompile.QuantConfig(**config), calib=tiny_bert["calib"],
                          verify_data=tiny_bert["eval"], **kwargs)
+
+
+def test_groups_that_did_not_measurably_help_are_floated_last_cheapest_first():
+    """The ranking holds every group, so that the search can float all of them if nothing less reaches
+    the target: helpful groups by noise removed per microsecond, then the rest by cost."""
+    def group(node, noise_removed, cost_us):
+        return sensitivity.GroupSensitivity(node, "MatMul", "MatMulIntegerToFloat", 20.0, 20.0, cost_us, noise_removed)
+
+    ranked = [group("no_gain_dear", 0.0, 50.0), group("small_gain", 1e-4, 10.0), group("no_gain_cheap", -1e-5, 5.0),
+              group("big_gain", 1e-3, 10.0)]
+    assert sensitivity._float_order(ranked) == ["big_gain", "small_gain", "no_gain_cheap", "no_gain_dear"]
