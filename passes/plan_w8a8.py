@@ -75,27 +75,25 @@ class PlanW8A8:
                              f"{len(plan.of_kind('activation'))} activations, {len(plan.skipped)} nodes kept in float")
 
 
-def _bias_adds(context: CompileContext) -> dict[str, gs.Node]:
-    """MatMul -> the Add of its constant per-channel bias, for the pairs ONNX Runtime fuses into a Gemm."""
+def _bias_adds(context: CompileContext) -> dict[str, tuple[gs.Node, int]]:
+    """MatMul -> (the Add of its constant per-channel bias, the bias's input index), for the pairs ONNX
+    Runtime fuses into a Gemm."""
     pairs = {}
     for node in context.graph.nodes:
         readers = node.outputs[0].outputs if node.op == "MatMul" else []
         if (len(readers) == 1 and readers[0].op == "Add" and isinstance(node.inputs[1], gs.Constant)
                 and len(node.inputs[1].shape) == 2):
-            bias = _bias_input(readers[0], node)
-            if bias is not None and _is_channel_bias(node, readers[0].inputs[bias], node.inputs[1]):
-                pairs[node.name] = readers[0]
+            add, inputs = readers[0], [t.name for t in readers[0].inputs]
+            if len(inputs) == 2 and inputs[0] != inputs[1]:
+                index = 1 - inputs.index(node.outputs[0].name)
+                if _is_channel_bias(node, add.inputs[index], node.inputs[1]):
+                    pairs[node.name] = (add, index)
     fused = gemm_fused_matmuls(context.model) if pairs else set()
-    return {name: add for name, add in pairs.items() if name in fused}
+    return {name: pair for name, pair in pairs.items() if name in fused}
 
 
-def _bias_input(add: gs.Node, matmul: gs.Node) -> int | None:
-    """The index of the Add's other input than the MatMul's output."""
-    inputs = [t.name for t in add.inputs]
-    return None if len(inputs) != 2 or inputs[0] == inputs[1] else 1 - inputs.index(matmul.outputs[0].name)
-
-
-def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str], bias_add: gs.Node | None) -> None:
+def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str],
+                 bias_add: tuple[gs.Node, int] | None) -> None:
     acts, weights = config.static_acts, config.qdq_weights != "none"
     data_inputs = node.inputs[:2]
     if not all(_is_float(t) for t in data_inputs):
@@ -128,11 +126,11 @@ def _plan_linear(node: gs.Node, plan: QuantPlan, config, graph_outputs: set[str]
         specs.append(TensorSpec(bias.name, "bias", "int32", 0, ((node.name, 2),), f"{node.op} bias",
                                 operands=(activation.name, weight.name)))
     if bias_add is not None:  # ONNX Runtime makes MatMul + Add one Gemm: its QGemm needs the bias int32
-        index = _bias_input(bias_add, node)
-        specs.append(TensorSpec(bias_add.inputs[index].name, "bias", "int32", 0, ((bias_add.name, index),),
+        add, index = bias_add
+        specs.append(TensorSpec(add.inputs[index].name, "bias", "int32", 0, ((add.name, index),),
                                 "MatMul bias (Add), fused by ONNX Runtime into a Gemm", operands=(activation.name, weight.name)))
-        return plan.add_group(NodeGroup(node.name, node.op, "QGemm", tuple(specs), absorbed=(bias_add.name,),
-                                        tied_output=_tied_output(bias_add, graph_outputs)))
+        return plan.add_group(NodeGroup(node.name, node.op, "QGemm", tuple(specs), absorbed=(add.name,),
+                                        tied_output=_tied_output(add, graph_outputs)))
     kernel = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}[node.op]
     if node.op != "Conv":
         return plan.add_group(NodeGroup(node.name, node.op, kernel, tuple(specs), tied_output=_tied_output(node, graph_outputs)))

@@ -71,12 +71,9 @@ def deployed_session(model: onnx.ModelProto | str | Path) -> tuple[ort.Inference
     """The session deployment opens (verification runs it too), and what it made of each compute node."""
     source = model if isinstance(model, onnx.ModelProto) else str(model)
     graph = (model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)).graph
-    with tempfile.TemporaryDirectory(prefix="qcompile-deployed-") as folder:
-        optimized_path = Path(folder) / "optimized.onnx"
-        session = make_session(source, optimized_path=optimized_path)
-        optimized = onnx.load(str(optimized_path), load_external_data=False)
+    session, optimized = _optimized(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     became = {}
-    for node in optimized.graph.node:
+    for node in optimized.node:
         became.setdefault(source_node(node.name), node.op_type)
     kernels: dict[str, dict[str, str | None]] = {}
     for node in graph.node:
@@ -90,10 +87,15 @@ def gemm_fused_matmuls(model: onnx.ModelProto) -> set[str]:
     them, into a Gemm (it does where the input's shape is static, or the input is 2-D). Their integer
     kernel is then QGemm, which takes the bias only as int32 from a DequantizeLinear; a float bias
     leaves the Gemm float, every DequantizeLinear before it running on each call."""
-    with tempfile.TemporaryDirectory(prefix="qcompile-fusions-") as folder:
-        optimized_path = Path(folder) / "optimized.onnx"
-        make_session(model, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=optimized_path)
-        optimized = onnx.load(str(optimized_path), load_external_data=False)
+    _, optimized = _optimized(model, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     matmuls = {node.name for node in model.graph.node if node.op_type == "MatMul"}
-    return {source_node(node.name) for node in optimized.graph.node
+    return {source_node(node.name) for node in optimized.node
             if node.op_type == "Gemm" and source_node(node.name) in matmuls}
+
+
+def _optimized(model: onnx.ModelProto | str, level: ort.GraphOptimizationLevel) -> tuple[ort.InferenceSession, onnx.GraphProto]:
+    """A session on `model` at `level`, and the graph ONNX Runtime made of it."""
+    with tempfile.TemporaryDirectory(prefix="qcompile-optimized-") as folder:
+        optimized_path = Path(folder) / "optimized.onnx"
+        session = make_session(model, optimization=level, optimized_path=optimized_path)
+        return session, onnx.load(str(optimized_path), load_external_data=False).graph

@@ -187,7 +187,7 @@ def _keep_float_for_sqnr(state: CompileState, probe: sensitivity.GatedProbe, ful
     held_out_full = held_out(plan_.integer) if held_out is not None and full >= target else None
     if full >= target and (held_out_full is None or held_out_full >= target):
         return sensitivity.FloatSearch(target, full, sqnr_db=full, held_out_db=held_out_full)
-    measure_sensitivity(state)
+    measure_sensitivity(state, probe)
     search = sensitivity.keep_float(probe, state.sensitivity, target, full, held_out)
     reached = search.held_out_db if search.held_out_db is not None else search.sqnr_db
     if reached < target:
@@ -209,7 +209,7 @@ def _keep_float_for_metric(state: CompileState, probe: sensitivity.GatedProbe, f
     if full_metric >= float_metric - state.max_drop:
         return sensitivity.FloatSearch(None, full, sqnr_db=full,
                                        metric=sensitivity.metric_record(float_metric, state.max_drop, full_metric, 1))
-    measure_sensitivity(state)
+    measure_sensitivity(state, probe)
     search = sensitivity.keep_float_for_metric(probe, state.sensitivity, full, metric_of, float_metric,
                                                state.max_drop, full_metric)
     if search.metric["reached"] < search.metric["required"]:
@@ -262,10 +262,12 @@ class _HeldOutCheck:
         return decibels(signal, noise)
 
 
-def measure_sensitivity(state: CompileState) -> None:
-    """state.sensitivity: each computing integer group's sensitivity and the measured cost of keeping it float."""
+def measure_sensitivity(state: CompileState, probe: sensitivity.GatedProbe | None = None) -> None:
+    """state.sensitivity: each computing integer group's sensitivity and the measured cost of keeping it
+    float; on `probe`'s session where one is open for the current plan."""
     plan_ = state.context.plan
-    probe = sensitivity.GatedProbe(state.reference, plan_, _probe_feeds(state, _reiterable(state), SENSITIVITY_SAMPLES))
+    feeds = _probe_feeds(state, _reiterable(state), SENSITIVITY_SAMPLES)
+    probe = probe.on(feeds) if probe is not None else sensitivity.GatedProbe(state.reference, plan_, feeds)
     feed = next(iter(batched(itertools.islice(_reiterable(state), 1), state.inputs, 1)))
     costs = sensitivity.latency_costs(state.reference, _deployed_model(state), plan_, feed)
     state.sensitivity = sensitivity.sensitivity(probe, costs, state.config.executor, state.config.workers)

@@ -24,6 +24,7 @@ reaches a target.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import tempfile
@@ -90,6 +91,12 @@ class GatedProbe:
         self.plan = plan
         self.model, self.defaults, self.quantized = _gated_model(model, plan)
         self.probe = SqnrProbe(self.model, self.defaults, feeds)
+
+    def on(self, feeds: list[dict]) -> "GatedProbe":
+        """The same gated model and session, scoring `feeds` instead."""
+        other = copy.copy(self)
+        other.probe = self.probe.on(feeds)
+        return other
 
     def switches(self, integer: set[str], alone: bool = False) -> dict[str, np.ndarray]:
         """The inputs that quantize what the `integer` groups need (alone: exactly their own specs,

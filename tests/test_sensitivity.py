@@ -43,6 +43,10 @@ def test_gated_probe_scores_sets_of_groups_as_the_deployed_model_computes(tiny_b
     # Floating a group removes the optional groups that were integer only for it: the switches follow the plan.
     integer, _ = plan.integer_groups({matmul: "test"})
     assert probe.switches(plan.integer - {matmul}) == probe.switches(integer)
+    # On other feeds, the same session scores what a probe built for them does (the sensitivity pass's 16 samples).
+    first = list(batched(iterate_feeds(tiny_bert["eval"], state.inputs), state.inputs, 1))[:1]
+    assert probe.on(first)(plan.integer) == sensitivity.GatedProbe(state.reference, plan, first)(plan.integer)
+    assert probe.on(first)(plan.integer) != probe(plan.integer)
 
 
 def test_keep_float_reaches_the_target_with_no_group_to_spare(tiny_bert):

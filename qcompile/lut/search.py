@@ -14,6 +14,7 @@ weights, importance-weighted affine and table fits for Conv weights.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +50,17 @@ class SqnrProbe:
         for name, value in weights.items():  # inputs already (a GatedProbe's switches) stay as they are
             if name in constants:
                 probe.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape))
-        self.session = make_session(probe)
-        self.weights, self.feeds = weights, feeds
+        self.session, self.weights = make_session(probe), weights
+        self._score_on(feeds)
+
+    def on(self, feeds: list[dict]) -> "SqnrProbe":
+        """This probe's session, scoring `feeds` instead."""
+        other = copy.copy(self)
+        other._score_on(feeds)
+        return other
+
+    def _score_on(self, feeds: list[dict]) -> None:
+        self.feeds = feeds
         self.reference = self._run({})
         self.signal = sum(float(np.sum(r**2)) for r in self.reference)
 
